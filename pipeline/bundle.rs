@@ -1,0 +1,197 @@
+//! Bundle: one credential directory per registered device for the flashing
+//! station, and the batch manifest of SHA-256 checksums.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use rcgen::PublicKeyData;
+use x509_parser::prelude::*;
+
+use crate::crypto::{sha256_hex, to_pem, KeyId};
+use crate::workspace::{sync_dir, write_unsynced, Workspace};
+
+pub const CERT_FILE: &str = "certificate.pem.crt";
+pub const KEY_FILE: &str = "private.pem.key";
+pub const ROOT_CA1_FILE: &str = "AmazonRootCA1.pem";
+pub const ROOT_CA3_FILE: &str = "AmazonRootCA3.pem";
+pub const DEVICE_FILE: &str = "device.json";
+
+/// Amazon Root CA 1 (RSA) and 3 (ECC), taken from the Mozilla root store as
+/// the `webpki-root-certs` crate ships it.
+pub fn amazon_roots() -> Result<&'static (String, String), String> {
+    static ROOTS: OnceLock<Result<(String, String), String>> = OnceLock::new();
+    ROOTS
+        .get_or_init(|| {
+            let find = |cn: &str| -> Result<String, String> {
+                webpki_root_certs::TLS_SERVER_ROOT_CERTS
+                    .iter()
+                    .find(|der| {
+                        X509Certificate::from_der(der.as_ref())
+                            .ok()
+                            .and_then(|(_, c)| {
+                                c.subject()
+                                    .iter_common_name()
+                                    .next()
+                                    .and_then(|a| a.as_str().ok())
+                                    .map(|s| s == cn)
+                            })
+                            .unwrap_or(false)
+                    })
+                    .map(|der| to_pem("CERTIFICATE", der.as_ref()))
+                    .ok_or_else(|| format!("{cn} is not in the root store"))
+            };
+            Ok((find("Amazon Root CA 1")?, find("Amazon Root CA 3")?))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// What goes into one bundle.
+pub struct BundleInput<'a> {
+    pub thing_name: &'a str,
+    pub serial: &'a str,
+    pub certificate_pem: &'a str,
+    pub certificate_id: &'a str,
+    /// None for a device-made CSR.
+    pub key_pem: Option<&'a str>,
+    /// The device's key as registered (from the generated key or the device CSR).
+    pub key: &'a KeyId,
+    pub key_type: &'a str,
+    pub endpoint: &'a str,
+    pub batch: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct DeviceJson<'a> {
+    thing_name: &'a str,
+    client_id: &'a str,
+    serial_number: &'a str,
+    endpoint: &'a str,
+    port: u16,
+    certificate_id: &'a str,
+    key_type: &'a str,
+    private_key_on_device: bool,
+    batch: &'a str,
+    root_ca: [&'a str; 2],
+}
+
+/// Writes one bundle into a temporary directory, syncs it, and renames it
+/// into place; returns the files written with their SHA-256. The certificate is checked against
+/// the device's key first: a mismatch is an error, never a bundle.
+pub fn write_bundle(ws: &Workspace, b: &BundleInput<'_>) -> Result<Vec<(PathBuf, String)>, String> {
+    let cert = crate::crypto::parse_certificate_pem(b.certificate_pem)?;
+    if &cert.key != b.key {
+        return Err(format!(
+            "device `{}`: the certificate does not carry the device's public key; no bundle written",
+            b.thing_name
+        ));
+    }
+    if cert.id != b.certificate_id {
+        return Err(format!(
+            "device `{}`: the certificate's SHA-256 {} is not its id {}",
+            b.thing_name, cert.id, b.certificate_id
+        ));
+    }
+    if let Some(key_pem) = b.key_pem {
+        let kp = rcgen::KeyPair::from_pem(key_pem)
+            .map_err(|e| format!("device `{}`: the stored private key does not parse: {e}", b.thing_name))?;
+        let held = KeyId::from_spki_der(&kp.subject_public_key_info())?;
+        if &held != b.key || held != cert.key {
+            return Err(format!(
+                "device `{}`: the stored private key does not match the certificate; no bundle written",
+                b.thing_name
+            ));
+        }
+    }
+    let (ca1, ca3) = amazon_roots()?;
+    let dir = ws.bundle_dir(b.thing_name);
+    let tmp = ws.bundles().join(format!(".tmp-{}", crate::workspace::safe_component(b.thing_name)));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    }
+    fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    let device = DeviceJson {
+        thing_name: b.thing_name,
+        client_id: b.thing_name,
+        serial_number: b.serial,
+        endpoint: b.endpoint,
+        port: 8883,
+        certificate_id: b.certificate_id,
+        key_type: b.key_type,
+        private_key_on_device: b.key_pem.is_none(),
+        batch: b.batch,
+        root_ca: [ROOT_CA1_FILE, ROOT_CA3_FILE],
+    };
+    let mut device_json = serde_json::to_string_pretty(&device).map_err(|e| e.to_string())?;
+    device_json.push('\n');
+    let cert_pem = to_pem("CERTIFICATE", &cert.der);
+    let mut files: Vec<(&str, Vec<u8>, u32)> = vec![
+        (CERT_FILE, cert_pem.into_bytes(), 0o644),
+        (ROOT_CA1_FILE, ca1.clone().into_bytes(), 0o644),
+        (ROOT_CA3_FILE, ca3.clone().into_bytes(), 0o644),
+        (DEVICE_FILE, device_json.into_bytes(), 0o644),
+    ];
+    if let Some(key_pem) = b.key_pem {
+        let mut k = crate::crypto::normalise_pem_text(key_pem);
+        if !k.ends_with('\n') {
+            k.push('\n');
+        }
+        files.push((KEY_FILE, k.into_bytes(), 0o600));
+    }
+    let mut written = Vec::new();
+    for (name, bytes, mode) in &files {
+        let f = write_unsynced(&tmp.join(name), bytes, *mode).map_err(|e| format!("{}: {e}", tmp.join(name).display()))?;
+        f.sync_all().map_err(|e| format!("{name}: {e}"))?;
+        written.push((dir.join(name), sha256_hex(bytes)));
+    }
+    sync_dir(&tmp).map_err(|e| e.to_string())?;
+    if dir.exists() {
+        fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    fs::rename(&tmp, &dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    Ok(written)
+}
+
+/// Every file under the batch's bundles, with its SHA-256, relative to the batch directory.
+pub fn manifest_entries(ws: &Workspace) -> std::io::Result<Vec<(String, String, u64)>> {
+    let mut out = Vec::new();
+    let root = ws.dir();
+    let mut dirs: Vec<PathBuf> = fs::read_dir(ws.bundles())?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
+        .collect();
+    dirs.sort();
+    for d in dirs {
+        let mut files: Vec<PathBuf> = fs::read_dir(&d)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        files.sort();
+        for f in files {
+            let bytes = fs::read(&f)?;
+            let rel = relative(&root, &f);
+            out.push((rel, sha256_hex(&bytes), bytes.len() as u64));
+        }
+    }
+    Ok(out)
+}
+
+fn relative(root: &Path, p: &Path) -> String {
+    p.strip_prefix(root).unwrap_or(p).to_string_lossy().into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amazon_roots_are_the_rsa_and_ecc_roots() {
+        let (ca1, ca3) = amazon_roots().unwrap();
+        let c1 = crate::crypto::parse_certificate_pem(ca1).unwrap();
+        let c3 = crate::crypto::parse_certificate_pem(ca3).unwrap();
+        assert!(c1.subject.contains("Amazon Root CA 1"));
+        assert_eq!(c1.key.algorithm, "1.2.840.113549.1.1.1");
+        assert!(c3.subject.contains("Amazon Root CA 3"));
+        assert_eq!(c3.key.curve.as_deref(), Some("1.2.840.10045.3.1.7"));
+        assert!(ca1.ends_with("-----END CERTIFICATE-----\n") && !ca1.contains('\r'));
+    }
+}

@@ -1,0 +1,531 @@
+//! The `provline` command line.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::aws::{Aws, Connection};
+use crate::error::{exit, Error, Result};
+use crate::keygen::KeyType;
+use crate::ledger::Ledger;
+use crate::run::{self, RunOptions, Settings};
+use crate::sandbox_setup;
+use crate::workspace::Workspace;
+
+const EXIT_CODES: &str = "\
+Exit codes:
+  0  every device provisioned and bundled
+  1  finished, but some devices failed (results.csv says why)
+  2  input, configuration or usage rejected; nothing sent
+  3  stopped by an infrastructure error (endpoint unreachable, task failed); state kept, run `provline resume`";
+
+#[derive(Parser, Debug)]
+#[command(name = "provline", version, about = "Provision IoT devices into AWS IoT Core straight off the factory line", after_help = EXIT_CODES)]
+pub struct Cli {
+    /// Log format on stderr: `text` for people, `json` for nightly jobs.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// Log filter, RUST_LOG syntax (e.g. `provline=debug`); RUST_LOG wins when set.
+    #[arg(long, global = true, default_value = "info")]
+    pub log: String,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// The whole pipeline for one batch: ingest, keygen, stage, register, reconcile, bundle, report.
+    #[command(after_help = EXIT_CODES)]
+    Run(RunArgs),
+    /// Continue unfinished batches of an output directory from where they stopped.
+    #[command(after_help = EXIT_CODES)]
+    Resume(ResumeArgs),
+    /// Show the batches of an output directory and their devices' states.
+    Status(StatusArgs),
+    /// Check CSVs, CSRs and templates; send nothing.
+    Lint(LintArgs),
+    /// The local AWS IoT + S3 stand-in.
+    Sandbox {
+        #[command(subcommand)]
+        command: SandboxCommand,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct AwsArgs {
+    /// Start the embedded sandbox (state in <out>/.sandbox) and use it as AWS.
+    #[arg(long)]
+    pub sandbox: bool,
+    /// AWS region (default: from the profile or environment).
+    #[arg(long)]
+    pub region: Option<String>,
+    /// AWS profile from ~/.aws/config.
+    #[arg(long)]
+    pub profile: Option<String>,
+    /// Endpoint URL for both IoT and S3 (also AWS_ENDPOINT_URL).
+    #[arg(long)]
+    pub endpoint_url: Option<String>,
+    /// Sandbox only: report line format (lineNumber:1, offset:0, absent, legacy).
+    #[arg(long, default_value = "lineNumber:1", hide = true)]
+    pub sandbox_report_format: String,
+    /// Sandbox only: lines a bulk task processes per second.
+    #[arg(long, default_value_t = 2000.0, hide = true)]
+    pub sandbox_lines_per_second: f64,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Manufacturing CSVs of the batch.
+    #[arg(required = true)]
+    pub csv: Vec<PathBuf>,
+    /// Output directory: ledger, workspaces, bundles.
+    #[arg(long, default_value = "provline-out")]
+    pub out: PathBuf,
+    #[arg(long, value_enum, default_value_t = KeyType::EcP256)]
+    pub key_type: KeyType,
+    /// Bulk provisioning template (default: built-in thing + certificate from CSR + policy).
+    #[arg(long)]
+    pub template: Option<PathBuf>,
+    /// Thing name pattern; columns in braces, `|lower` or `|upper` to change case.
+    #[arg(long, default_value = "{serial_number}")]
+    pub thing_name: String,
+    /// IoT policy the built-in template attaches.
+    #[arg(long)]
+    pub policy: Option<String>,
+    /// S3 bucket for the registration file (in the task's region).
+    #[arg(long)]
+    pub bucket: Option<String>,
+    /// Key prefix inside the bucket.
+    #[arg(long, default_value = "provline")]
+    pub prefix: String,
+    /// IAM role that AWS IoT assumes to read the file and register things.
+    #[arg(long)]
+    pub role_arn: Option<String>,
+    /// Ingest, validate and print the plan; generate and send nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Send the valid rows and report the rest (default: all or nothing).
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// CSV delimiter (default: detected per file among `,` `;` and tab).
+    #[arg(long, value_parser = parse_delimiter)]
+    pub delimiter: Option<u8>,
+    /// Seconds to follow the task before leaving it to `resume`.
+    #[arg(long)]
+    pub task_timeout: Option<u64>,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ResumeArgs {
+    /// The batch to resume (default: every unfinished batch).
+    pub batch: Option<String>,
+    #[arg(long, default_value = "provline-out")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    pub batch: Option<String>,
+    #[arg(long, default_value = "provline-out")]
+    pub out: PathBuf,
+    /// JSON on stdout, for scripts.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct LintArgs {
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    #[arg(long, default_value = "{serial_number}")]
+    pub thing_name: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SandboxCommand {
+    /// Serve the sandbox on a loopback address until interrupted.
+    Serve {
+        #[arg(long, default_value = "127.0.0.1:4566")]
+        addr: SocketAddr,
+        /// State directory (kept across restarts); default: a temporary one.
+        #[arg(long)]
+        state: Option<PathBuf>,
+        /// Lines a bulk task processes per second.
+        #[arg(long, default_value_t = 2000.0)]
+        lines_per_second: f64,
+        /// Report line format: lineNumber:1, lineNumber:0, offset:0, offset:1, absent, legacy.
+        #[arg(long, default_value = "lineNumber:1")]
+        report_format: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn parse_delimiter(s: &str) -> std::result::Result<u8, String> {
+    match s {
+        "," | "comma" => Ok(b','),
+        ";" | "semicolon" => Ok(b';'),
+        "\\t" | "tab" | "\t" => Ok(b'\t'),
+        other => Err(format!("unsupported delimiter `{other}` (use `,`, `;` or `tab`)")),
+    }
+}
+
+fn init_logging(format: LogFormat, filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    use std::io::IsTerminal;
+    let ansi = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
+    let _ = match format {
+        LogFormat::Text => builder.with_target(false).try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Parses the arguments, runs the command, returns the exit code.
+pub fn main() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { exit::REJECTED } else { exit::OK };
+            let _ = e.print();
+            return code;
+        }
+    };
+    init_logging(cli.log_format, &cli.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("provline: cannot start the async runtime: {e}");
+            return exit::INFRA;
+        }
+    };
+    match rt.block_on(dispatch(cli.command)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("provline: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> Result<i32> {
+    match command {
+        Command::Run(args) => run_command(args).await,
+        Command::Resume(args) => resume_command(args).await,
+        Command::Status(args) => status_command(args),
+        Command::Lint(args) => Ok(lint_command(args)),
+        Command::Sandbox { command } => sandbox_command(command).await,
+    }
+}
+
+/// A sandbox started for one command, and the connection to use.
+struct Endpoint {
+    conn: Connection,
+    sandbox: Option<provline_sandbox::Sandbox>,
+}
+
+impl Endpoint {
+    async fn open(args: &AwsArgs, out: &Path) -> Result<Endpoint> {
+        if !args.sandbox {
+            return Ok(Endpoint {
+                conn: Connection {
+                    region: args.region.clone(),
+                    profile: args.profile.clone(),
+                    endpoint_url: args.endpoint_url.clone(),
+                    static_credentials: None,
+                },
+                sandbox: None,
+            });
+        }
+        let report_format = args
+            .sandbox_report_format
+            .parse()
+            .map_err(|e| Error::config(format!("--sandbox-report-format: {e}")))?;
+        let config = provline_sandbox::Config {
+            state_dir: Some(out.join(".sandbox")),
+            lines_per_second: args.sandbox_lines_per_second,
+            report_format,
+            ..Default::default()
+        };
+        let sb = provline_sandbox::Sandbox::start(config)
+            .await
+            .map_err(|e| Error::infra(format!("cannot start the embedded sandbox: {e:#}")))?;
+        tracing::info!(endpoint = %sb.endpoint_url(), "embedded sandbox started");
+        Ok(Endpoint {
+            conn: sandbox_setup::connection(&sb.endpoint_url()),
+            sandbox: Some(sb),
+        })
+    }
+
+    async fn close(self) {
+        if let Some(sb) = self.sandbox {
+            if let Err(e) = sb.shutdown().await {
+                tracing::warn!("sandbox shutdown: {e:#}");
+            }
+        }
+    }
+}
+
+fn print_summary(s: &run::Summary) {
+    let mut err = std::io::stderr();
+    if s.already_done {
+        let _ = writeln!(
+            err,
+            "{}: already finished earlier ({} devices: {} registered, {} failed, {} bundled); nothing to do, nothing sent",
+            s.batch, s.devices, s.registered, s.failed, s.bundled
+        );
+    } else {
+        let _ = writeln!(
+            err,
+            "{}: {} devices, {} registered, {} failed, {} bundled (task {})",
+            s.batch,
+            s.devices,
+            s.registered,
+            s.failed,
+            s.bundled,
+            s.task_ids.join(", ")
+        );
+        if !s.stage_seconds.is_empty() {
+            let stages: Vec<String> = run::STAGES
+                .iter()
+                .filter_map(|k| s.stage_seconds.get(k).map(|v| format!("{k} {v:.2}s")))
+                .collect();
+            let _ = writeln!(err, "time: {}", stages.join(", "));
+        }
+        if s.failed > 0 {
+            let _ = writeln!(err, "see {} for why each failed device failed", s.dir.join("results.csv").display());
+        }
+    }
+    println!("{}", s.dir.display());
+}
+
+async fn run_command(args: RunArgs) -> Result<i32> {
+    let sandbox = args.aws.sandbox;
+    let opts = RunOptions {
+        inputs: args.csv.clone(),
+        out: args.out.clone(),
+        key_type: args.key_type,
+        template: args.template.clone(),
+        thing_name: args.thing_name.clone(),
+        policy: args.policy.clone(),
+        bucket: args.bucket.clone().or_else(|| sandbox.then(|| sandbox_setup::SANDBOX_BUCKET.to_string())),
+        prefix: args.prefix.clone(),
+        role_arn: args.role_arn.clone().or_else(|| sandbox.then(sandbox_setup::sandbox_role_arn)),
+        dry_run: args.dry_run,
+        skip_invalid: args.skip_invalid,
+        delimiter: args.delimiter,
+        task_timeout: args.task_timeout.map(Duration::from_secs),
+    };
+    let started = std::time::Instant::now();
+    let prepared = run::prepare(&opts, sandbox)?;
+    let ingest_seconds = started.elapsed().as_secs_f64();
+    for p in &prepared.skipped.0 {
+        tracing::warn!("skipped: {p}");
+    }
+    if opts.dry_run {
+        let plan = run::plan(&prepared, &opts.out);
+        println!("{}", serde_json::to_string_pretty(&plan).expect("json"));
+        return Ok(exit::OK);
+    }
+    if prepared.settings.bucket.is_empty() {
+        return Err(Error::config("--bucket is required (the S3 bucket for the registration file, in the task's region)"));
+    }
+    if prepared.settings.role_arn.is_empty() {
+        return Err(Error::config("--role-arn is required (an IAM role that trusts iot.amazonaws.com and can read the bucket)"));
+    }
+    let _lock = run::lock_out_dir(&opts.out)?;
+    let mut ledger = Ledger::open(&opts.out.join(run::LEDGER_FILE))?;
+    let ws = Workspace::new(&opts.out, &prepared.batch);
+    if run::is_done(&ledger, &prepared.batch)? {
+        let s = run::finished_summary(&ledger, &ws)?;
+        print_summary(&s);
+        return Ok(s.exit_code());
+    }
+    let created = run::record_batch(&mut ledger, &prepared)?;
+    if !created {
+        tracing::info!(batch = %prepared.batch, "this batch was started before; continuing it");
+    }
+    let settings = prepared.settings.clone();
+    let skipped = prepared.skipped.len();
+    drop(prepared);
+    let endpoint = Endpoint::open(&args.aws, &opts.out).await?;
+    let result = go(&endpoint, &mut ledger, &ws, &settings, sandbox, Some(ingest_seconds)).await;
+    endpoint.close().await;
+    let mut s = result?;
+    s.skipped = skipped;
+    print_summary(&s);
+    Ok(s.exit_code())
+}
+
+async fn go(
+    endpoint: &Endpoint,
+    ledger: &mut Ledger,
+    ws: &Workspace,
+    settings: &Settings,
+    sandbox: bool,
+    ingest_seconds: Option<f64>,
+) -> Result<run::Summary> {
+    let aws = Aws::connect(&endpoint.conn).await;
+    if sandbox {
+        let template = crate::template::Template::check(&settings.template_source, &settings.template_body).map_err(Error::Input)?;
+        sandbox_setup::prepare_account(&aws, &settings.bucket, template.policy_name.as_deref()).await?;
+    }
+    run::continue_batch(ledger, ws, settings, &aws, ingest_seconds).await
+}
+
+async fn resume_command(args: ResumeArgs) -> Result<i32> {
+    let _lock = run::lock_out_dir(&args.out)?;
+    let ledger_path = args.out.join(run::LEDGER_FILE);
+    if !ledger_path.exists() {
+        return Err(Error::config(format!("no ledger at {}: nothing to resume", ledger_path.display())));
+    }
+    let mut ledger = Ledger::open(&ledger_path)?;
+    let batches: Vec<_> = ledger
+        .batches()?
+        .into_iter()
+        .filter(|b| args.batch.as_ref().is_none_or(|want| &b.id == want))
+        .collect();
+    if let Some(want) = &args.batch {
+        if batches.is_empty() {
+            return Err(Error::config(format!("no batch `{want}` in {}", ledger_path.display())));
+        }
+    }
+    let open: Vec<_> = batches.into_iter().filter(|b| b.state != crate::ledger::batch_state::DONE).collect();
+    if open.is_empty() {
+        eprintln!("nothing to resume: every batch in {} is finished", args.out.display());
+        return Ok(exit::OK);
+    }
+    let endpoint = Endpoint::open(&args.aws, &args.out).await?;
+    let mut worst = exit::OK;
+    let mut failure = None;
+    for b in open {
+        let settings: Settings = serde_json::from_str(&b.settings).map_err(|e| Error::infra(format!("ledger settings of {}: {e}", b.id)))?;
+        let ws = Workspace::new(&args.out, &b.id);
+        tracing::info!(batch = %b.id, "resuming");
+        match go(&endpoint, &mut ledger, &ws, &settings, args.aws.sandbox, None).await {
+            Ok(s) => {
+                print_summary(&s);
+                worst = worst.max(s.exit_code());
+            }
+            Err(e) => {
+                failure = Some(e);
+                break;
+            }
+        }
+    }
+    endpoint.close().await;
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(worst),
+    }
+}
+
+fn status_command(args: StatusArgs) -> Result<i32> {
+    let ledger_path = args.out.join(run::LEDGER_FILE);
+    if !ledger_path.exists() {
+        return Err(Error::config(format!("no ledger at {}", ledger_path.display())));
+    }
+    let ledger = Ledger::open(&ledger_path)?;
+    let mut out = Vec::new();
+    for b in ledger.batches()? {
+        if args.batch.as_ref().is_some_and(|want| &b.id != want) {
+            continue;
+        }
+        let devices = ledger.devices(&b.id)?;
+        let mut counts = std::collections::BTreeMap::<String, usize>::new();
+        for d in &devices {
+            *counts.entry(d.state.clone()).or_default() += 1;
+        }
+        let attempts = ledger.attempts(&b.id)?;
+        out.push(serde_json::json!({
+            "batch": b.id, "state": b.state, "devices": devices.len(), "states": counts,
+            "tasks": attempts.iter().map(|a| serde_json::json!({"attempt": a.attempt, "task_id": a.task_id, "status": a.task_status})).collect::<Vec<_>>(),
+        }));
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+    } else {
+        println!("{:<20} {:<6} {:>8}  {:<40} tasks", "batch", "state", "devices", "device states");
+        for b in &out {
+            let states = b["states"].as_object().map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")).unwrap_or_default();
+            let tasks = b["tasks"].as_array().map(|a| a.iter().map(|t| format!("{}({})", t["task_id"].as_str().unwrap_or("-"), t["status"].as_str().unwrap_or("-"))).collect::<Vec<_>>().join(" ")).unwrap_or_default();
+            println!("{:<20} {:<6} {:>8}  {:<40} {}", b["batch"].as_str().unwrap_or(""), b["state"].as_str().unwrap_or(""), b["devices"], states, tasks);
+        }
+    }
+    Ok(exit::OK)
+}
+
+fn lint_command(args: LintArgs) -> i32 {
+    let mut bad = 0;
+    for f in &args.files {
+        match crate::lint::lint_file(f, &args.thing_name) {
+            crate::lint::Verdict::Ok(what) => eprintln!("ok    {}: {what}", f.display()),
+            crate::lint::Verdict::Bad(problems) => {
+                bad += 1;
+                eprintln!("error {}: {} problem{}", f.display(), problems.len(), if problems.len() == 1 { "" } else { "s" });
+                eprint!("{problems}");
+            }
+        }
+    }
+    if bad == 0 {
+        exit::OK
+    } else {
+        exit::REJECTED
+    }
+}
+
+async fn sandbox_command(command: SandboxCommand) -> Result<i32> {
+    match command {
+        SandboxCommand::Serve { addr, state, lines_per_second, report_format, seed } => {
+            let config = provline_sandbox::Config {
+                addr,
+                state_dir: state,
+                lines_per_second,
+                report_format: report_format.parse().map_err(|e| Error::config(format!("--report-format: {e}")))?,
+                seed,
+                ..Default::default()
+            };
+            let sb = provline_sandbox::Sandbox::start(config)
+                .await
+                .map_err(|e| Error::infra(format!("cannot start the sandbox: {e:#}")))?;
+            println!("{}", sb.endpoint_url());
+            eprintln!(
+                "sandbox listening on {url}\n  state: {state}\n  use: AWS_ACCESS_KEY_ID={ak} AWS_SECRET_ACCESS_KEY={sk} AWS_DEFAULT_REGION=us-east-1 aws --endpoint-url {url} iot list-things\n  stop with Ctrl-C",
+                url = sb.endpoint_url(),
+                state = sb.state_dir().display(),
+                ak = provline_sandbox::ACCESS_KEY_ID,
+                sk = provline_sandbox::SECRET_ACCESS_KEY,
+            );
+            let _ = std::io::stdout().flush();
+            wait_for_signal().await;
+            sb.shutdown().await.map_err(|e| Error::infra(format!("sandbox shutdown: {e:#}")))?;
+            Ok(exit::OK)
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
+    }
+}

@@ -1,0 +1,456 @@
+//! The ledger: one SQLite database per output directory, the single source
+//! of truth for `status`, `resume` and re-runs. Every state change is
+//! committed before the action that depends on it.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::error::{Error, Result};
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS batches (
+    id          TEXT PRIMARY KEY,
+    created_at  INTEGER NOT NULL,
+    digest      TEXT NOT NULL,
+    settings    TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    finished_at INTEGER
+);
+CREATE TABLE IF NOT EXISTS inputs (
+    batch_id TEXT NOT NULL,
+    path     TEXT NOT NULL,
+    sha256   TEXT NOT NULL,
+    rows     INTEGER NOT NULL,
+    PRIMARY KEY (batch_id, path)
+);
+CREATE TABLE IF NOT EXISTS attempts (
+    batch_id       TEXT NOT NULL,
+    attempt        INTEGER NOT NULL,
+    s3_bucket      TEXT NOT NULL,
+    s3_key         TEXT NOT NULL,
+    lines          INTEGER NOT NULL,
+    uploaded       INTEGER NOT NULL DEFAULT 0,
+    task_id        TEXT,
+    task_status    TEXT,
+    success_count  INTEGER,
+    failure_count  INTEGER,
+    message        TEXT,
+    reports_done   INTEGER NOT NULL DEFAULT 0,
+    started_at     INTEGER,
+    ended_at       INTEGER,
+    PRIMARY KEY (batch_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS devices (
+    batch_id        TEXT NOT NULL,
+    seq             INTEGER NOT NULL,
+    serial          TEXT NOT NULL,
+    thing_name      TEXT NOT NULL,
+    file            TEXT NOT NULL,
+    line            INTEGER NOT NULL,
+    fingerprint     TEXT NOT NULL,
+    record          TEXT NOT NULL,
+    key_fingerprint TEXT,
+    key_type        TEXT,
+    state           TEXT NOT NULL,
+    attempt         INTEGER,
+    certificate_id  TEXT,
+    error_class     TEXT,
+    error           TEXT,
+    PRIMARY KEY (batch_id, thing_name)
+);
+CREATE INDEX IF NOT EXISTS devices_serial ON devices (serial);
+CREATE INDEX IF NOT EXISTS devices_seq ON devices (batch_id, seq);
+"#;
+
+/// Device states, in pipeline order.
+pub mod state {
+    pub const INGESTED: &str = "ingested";
+    pub const KEYED: &str = "keyed";
+    pub const STAGED: &str = "staged";
+    pub const SUBMITTED: &str = "submitted";
+    pub const REGISTERED: &str = "registered";
+    pub const FAILED: &str = "failed";
+    pub const BUNDLED: &str = "bundled";
+}
+
+/// Batch states.
+pub mod batch_state {
+    pub const OPEN: &str = "open";
+    pub const DONE: &str = "done";
+}
+
+pub struct Ledger {
+    conn: Connection,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BatchRow {
+    pub id: String,
+    pub created_at: i64,
+    pub digest: String,
+    pub settings: String,
+    pub state: String,
+    pub finished_at: Option<i64>,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AttemptRow {
+    pub attempt: i64,
+    pub s3_bucket: String,
+    pub s3_key: String,
+    pub lines: i64,
+    pub uploaded: bool,
+    pub task_id: Option<String>,
+    pub task_status: Option<String>,
+    pub success_count: Option<i64>,
+    pub failure_count: Option<i64>,
+    pub message: Option<String>,
+    pub reports_done: bool,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct DeviceRow {
+    pub seq: i64,
+    pub serial: String,
+    pub thing_name: String,
+    pub file: String,
+    pub line: i64,
+    pub fingerprint: String,
+    #[serde(skip)]
+    pub record: String,
+    pub key_fingerprint: Option<String>,
+    pub key_type: Option<String>,
+    pub state: String,
+    pub attempt: Option<i64>,
+    pub certificate_id: Option<String>,
+    pub error_class: Option<String>,
+    pub error: Option<String>,
+}
+
+/// A new device for the ledger.
+pub struct NewDevice<'a> {
+    pub serial: &'a str,
+    pub thing_name: &'a str,
+    pub file: &'a str,
+    pub line: u64,
+    pub fingerprint: String,
+    pub record: String,
+}
+
+/// What reconciliation decided for one device.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub thing_name: String,
+    pub registered: bool,
+    pub certificate_id: Option<String>,
+    pub error_class: Option<String>,
+    pub error: Option<String>,
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn db_err(e: rusqlite::Error) -> Error {
+    Error::Other(anyhow::anyhow!("ledger: {e}"))
+}
+
+impl Ledger {
+    pub fn open(path: &Path) -> Result<Ledger> {
+        let conn = Connection::open(path)
+            .map_err(|e| Error::infra(format!("cannot open the ledger {}: {e}", path.display())))?;
+        conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(db_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
+        conn.execute_batch(SCHEMA).map_err(db_err)?;
+        Ok(Ledger { conn })
+    }
+
+    pub fn batch(&self, id: &str) -> Result<Option<BatchRow>> {
+        self.conn
+            .query_row(
+                "SELECT id, created_at, digest, settings, state, finished_at FROM batches WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(BatchRow {
+                        id: r.get(0)?,
+                        created_at: r.get(1)?,
+                        digest: r.get(2)?,
+                        settings: r.get(3)?,
+                        state: r.get(4)?,
+                        finished_at: r.get(5)?,
+                    })
+                },
+            )
+            .optional()
+            .map_err(db_err)
+    }
+
+    pub fn batches(&self) -> Result<Vec<BatchRow>> {
+        let mut st = self
+            .conn
+            .prepare("SELECT id, created_at, digest, settings, state, finished_at FROM batches ORDER BY created_at, id")
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([], |r| {
+                Ok(BatchRow {
+                    id: r.get(0)?,
+                    created_at: r.get(1)?,
+                    digest: r.get(2)?,
+                    settings: r.get(3)?,
+                    state: r.get(4)?,
+                    finished_at: r.get(5)?,
+                })
+            })
+            .map_err(db_err)?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(db_err)?;
+        Ok(rows)
+    }
+
+    /// Records a new batch with its inputs and devices, all or nothing.
+    pub fn create_batch(
+        &mut self,
+        id: &str,
+        digest: &str,
+        settings: &str,
+        inputs: &[(String, String, usize)],
+        devices: &[NewDevice<'_>],
+    ) -> Result<()> {
+        let tx = self.conn.transaction().map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO batches (id, created_at, digest, settings, state) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![id, now(), digest, settings, batch_state::OPEN],
+        )
+        .map_err(db_err)?;
+        for (path, sha, rows) in inputs {
+            tx.execute(
+                "INSERT INTO inputs (batch_id, path, sha256, rows) VALUES (?1, ?2, ?3, ?4)",
+                params![id, path, sha, *rows as i64],
+            )
+            .map_err(db_err)?;
+        }
+        {
+            let mut st = tx
+                .prepare(
+                    "INSERT INTO devices (batch_id, seq, serial, thing_name, file, line, fingerprint, record, state)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                )
+                .map_err(db_err)?;
+            for (seq, d) in devices.iter().enumerate() {
+                st.execute(params![
+                    id,
+                    seq as i64,
+                    d.serial,
+                    d.thing_name,
+                    d.file,
+                    d.line as i64,
+                    d.fingerprint,
+                    d.record,
+                    state::INGESTED
+                ])
+                .map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    pub fn finish_batch(&self, id: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE batches SET state = ?2, finished_at = ?3 WHERE id = ?1",
+                params![id, batch_state::DONE, now()],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    /// Earlier ledger entries for a serial or thing name, outside `batch`.
+    pub fn earlier(&self, batch: &str, serial: &str, thing_name: &str) -> Result<Vec<(String, DeviceRow)>> {
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT batch_id, {DEVICE_COLUMNS} FROM devices WHERE (serial = ?1 OR thing_name = ?2) AND batch_id != ?3"
+            ))
+            .map_err(db_err)?;
+        let rows = st
+            .query_map(params![serial, thing_name, batch], |r| Ok((r.get(0)?, device_row(r, 1)?)))
+            .map_err(db_err)?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(db_err)?;
+        Ok(rows)
+    }
+
+    pub fn devices(&self, batch: &str) -> Result<Vec<DeviceRow>> {
+        let mut st = self
+            .conn
+            .prepare(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE batch_id = ?1 ORDER BY seq"))
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([batch], |r| device_row(r, 0))
+            .map_err(db_err)?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(db_err)?;
+        Ok(rows)
+    }
+
+    /// Marks devices keyed, with their key fingerprints, in one transaction.
+    pub fn mark_keyed(&mut self, batch: &str, keyed: &[(String, String, String)]) -> Result<()> {
+        let tx = self.conn.transaction().map_err(db_err)?;
+        {
+            let mut st = tx
+                .prepare("UPDATE devices SET state = ?3, key_fingerprint = ?4, key_type = ?5 WHERE batch_id = ?1 AND thing_name = ?2")
+                .map_err(db_err)?;
+            for (thing, fp, kt) in keyed {
+                st.execute(params![batch, thing, state::KEYED, fp, kt]).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    pub fn set_state(&mut self, batch: &str, things: &[String], new_state: &str, attempt: Option<i64>) -> Result<()> {
+        let tx = self.conn.transaction().map_err(db_err)?;
+        {
+            let mut st = tx
+                .prepare("UPDATE devices SET state = ?3, attempt = COALESCE(?4, attempt) WHERE batch_id = ?1 AND thing_name = ?2")
+                .map_err(db_err)?;
+            for t in things {
+                st.execute(params![batch, t, new_state, attempt]).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    pub fn record_outcomes(&mut self, batch: &str, outcomes: &[Outcome]) -> Result<()> {
+        let tx = self.conn.transaction().map_err(db_err)?;
+        {
+            let mut st = tx
+                .prepare(
+                    "UPDATE devices SET state = ?3, certificate_id = ?4, error_class = ?5, error = ?6
+                     WHERE batch_id = ?1 AND thing_name = ?2",
+                )
+                .map_err(db_err)?;
+            for o in outcomes {
+                let s = if o.registered { state::REGISTERED } else { state::FAILED };
+                st.execute(params![batch, o.thing_name, s, o.certificate_id, o.error_class, o.error])
+                    .map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    pub fn attempts(&self, batch: &str) -> Result<Vec<AttemptRow>> {
+        let mut st = self
+            .conn
+            .prepare(
+                "SELECT attempt, s3_bucket, s3_key, lines, uploaded, task_id, task_status, success_count,
+                        failure_count, message, reports_done
+                 FROM attempts WHERE batch_id = ?1 ORDER BY attempt",
+            )
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([batch], |r| {
+                Ok(AttemptRow {
+                    attempt: r.get(0)?,
+                    s3_bucket: r.get(1)?,
+                    s3_key: r.get(2)?,
+                    lines: r.get(3)?,
+                    uploaded: r.get::<_, i64>(4)? != 0,
+                    task_id: r.get(5)?,
+                    task_status: r.get(6)?,
+                    success_count: r.get(7)?,
+                    failure_count: r.get(8)?,
+                    message: r.get(9)?,
+                    reports_done: r.get::<_, i64>(10)? != 0,
+                })
+            })
+            .map_err(db_err)?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(db_err)?;
+        Ok(rows)
+    }
+
+    pub fn add_attempt(&self, batch: &str, attempt: i64, bucket: &str, key: &str, lines: usize) -> Result<()> {
+        self.conn
+            .execute(
+                "INSERT INTO attempts (batch_id, attempt, s3_bucket, s3_key, lines) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![batch, attempt, bucket, key, lines as i64],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub fn set_uploaded(&self, batch: &str, attempt: i64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE attempts SET uploaded = 1 WHERE batch_id = ?1 AND attempt = ?2",
+                params![batch, attempt],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub fn set_task(&self, batch: &str, attempt: i64, task_id: &str) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE attempts SET task_id = ?3, started_at = ?4 WHERE batch_id = ?1 AND attempt = ?2",
+                params![batch, attempt, task_id, now()],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub fn set_task_end(
+        &self,
+        batch: &str,
+        attempt: i64,
+        status: &str,
+        success: i64,
+        failure: i64,
+        message: Option<&str>,
+    ) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE attempts SET task_status = ?3, success_count = ?4, failure_count = ?5, message = ?6, ended_at = ?7
+                 WHERE batch_id = ?1 AND attempt = ?2",
+                params![batch, attempt, status, success, failure, message, now()],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+
+    pub fn set_reports_done(&self, batch: &str, attempt: i64) -> Result<()> {
+        self.conn
+            .execute(
+                "UPDATE attempts SET reports_done = 1 WHERE batch_id = ?1 AND attempt = ?2",
+                params![batch, attempt],
+            )
+            .map_err(db_err)?;
+        Ok(())
+    }
+}
+
+const DEVICE_COLUMNS: &str = "seq, serial, thing_name, file, line, fingerprint, record, key_fingerprint, key_type, state, attempt, certificate_id, error_class, error";
+
+fn device_row(r: &rusqlite::Row<'_>, o: usize) -> rusqlite::Result<DeviceRow> {
+    Ok(DeviceRow {
+        seq: r.get(o)?,
+        serial: r.get(o + 1)?,
+        thing_name: r.get(o + 2)?,
+        file: r.get(o + 3)?,
+        line: r.get(o + 4)?,
+        fingerprint: r.get(o + 5)?,
+        record: r.get(o + 6)?,
+        key_fingerprint: r.get(o + 7)?,
+        key_type: r.get(o + 8)?,
+        state: r.get(o + 9)?,
+        attempt: r.get(o + 10)?,
+        certificate_id: r.get(o + 11)?,
+        error_class: r.get(o + 12)?,
+        error: r.get(o + 13)?,
+    })
+}

@@ -1,0 +1,760 @@
+//! The bulk pipeline for one batch, as a state machine over the ledger: each
+//! step looks at what the ledger says is done and does the rest, so `run`,
+//! a re-run and `resume` all go through the same code.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use crate::aws::{describe, Aws};
+use crate::bundle::{manifest_entries, write_bundle, BundleInput};
+use crate::crypto::{csr_key_id, sha256_hex, KeyId};
+use crate::error::{exit, Error, Problem, Problems, Result};
+use crate::ingest::{ingest, IngestOptions};
+use crate::keygen::{generate_all, KeyType, Keyed, SecretPem};
+use crate::ledger::{batch_state, state, AttemptRow, DeviceRow, Ledger, NewDevice, Outcome};
+use crate::profile::{NamePattern, Profile};
+use crate::reconcile::{reconcile, verify_certificate, StagedDevice, Verdict};
+use crate::stage::{registration_line, StoredDevice};
+use crate::template::Template;
+use crate::workspace::{write_durable, Workspace};
+
+/// What `provline run` was asked to do.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    pub inputs: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub key_type: KeyType,
+    pub template: Option<PathBuf>,
+    pub thing_name: String,
+    pub policy: Option<String>,
+    pub bucket: Option<String>,
+    pub prefix: String,
+    pub role_arn: Option<String>,
+    pub dry_run: bool,
+    pub skip_invalid: bool,
+    pub delimiter: Option<u8>,
+    /// How long to follow a task before leaving it to `resume`.
+    pub task_timeout: Option<Duration>,
+}
+
+/// The part of a run that defines the batch, kept in the ledger so that
+/// `resume` needs nothing but the output directory.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Settings {
+    pub key_type: KeyType,
+    pub template_source: String,
+    pub template_body: String,
+    pub thing_name: String,
+    pub bucket: String,
+    pub prefix: String,
+    pub role_arn: String,
+    pub inputs: Vec<String>,
+    pub task_timeout_secs: Option<u64>,
+}
+
+/// What a finished (or stopped) batch came to.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Summary {
+    pub batch: String,
+    pub dir: PathBuf,
+    pub devices: usize,
+    pub registered: usize,
+    pub failed: usize,
+    pub bundled: usize,
+    pub skipped: usize,
+    pub task_ids: Vec<String>,
+    pub already_done: bool,
+    /// Wall time per stage in this run.
+    pub stage_seconds: BTreeMap<&'static str, f64>,
+}
+
+impl Summary {
+    pub fn exit_code(&self) -> i32 {
+        if self.failed == 0 && self.skipped == 0 && self.bundled == self.devices {
+            exit::OK
+        } else {
+            exit::PARTIAL
+        }
+    }
+}
+
+/// Per-stage wall time, for report.json.
+#[derive(Default)]
+pub struct Timings(pub BTreeMap<&'static str, f64>);
+
+impl Timings {
+    fn add(&mut self, stage: &'static str, since: Instant) {
+        *self.0.entry(stage).or_default() += since.elapsed().as_secs_f64();
+    }
+}
+
+/// The stages in pipeline order, as report.json and the summary name them.
+pub const STAGES: [&str; 8] = ["ingest", "keygen", "persist", "stage", "register", "reconcile", "bundle", "report"];
+
+pub const LEDGER_FILE: &str = "ledger.sqlite";
+const LOCK_FILE: &str = ".provline.lock";
+
+/// Holds the output directory's lock for the life of a command: one provline
+/// per ledger at a time.
+pub struct DirLock(#[allow(dead_code)] std::fs::File);
+
+pub fn lock_out_dir(out: &std::path::Path) -> Result<DirLock> {
+    std::fs::create_dir_all(out).map_err(|e| Error::config(format!("cannot create {}: {e}", out.display())))?;
+    let path = out.join(LOCK_FILE);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::infra(format!("cannot open {}: {e}", path.display())))?;
+    match f.try_lock() {
+        Ok(()) => Ok(DirLock(f)),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::infra(format!(
+            "another provline process is working in {} (it holds {}); wait for it to finish, one process per ledger",
+            out.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::infra(format!("cannot lock {}: {e}", path.display()))),
+    }
+}
+
+/// Everything before anything is generated or sent: template, ingest,
+/// batch identity. Used by `run`, `--dry-run` and `lint`.
+pub struct Prepared {
+    pub settings: Settings,
+    pub template: Template,
+    pub devices: Vec<crate::ingest::Device>,
+    pub files: Vec<crate::ingest::InputFile>,
+    pub skipped: Problems,
+    pub batch: String,
+    pub digest: String,
+}
+
+pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
+    let (template_source, body) = match &opts.template {
+        Some(p) => (
+            p.display().to_string(),
+            std::fs::read_to_string(p)
+                .map_err(|e| Error::config(format!("cannot read the template {}: {e}", p.display())))?,
+        ),
+        None => {
+            let policy = match (&opts.policy, sandbox_defaults) {
+                (Some(p), _) => p.clone(),
+                (None, true) => crate::sandbox_setup::SANDBOX_POLICY.to_string(),
+                (None, false) => {
+                    return Err(Error::config(
+                        "the built-in template attaches a policy: name an existing IoT policy with --policy NAME (or give --template FILE)",
+                    ))
+                }
+            };
+            ("built-in template".to_string(), crate::template::builtin(&policy))
+        }
+    };
+    let template = Template::check(&template_source, &body).map_err(Error::Input)?;
+    if template.csr_param.is_none() {
+        return Err(Error::config(format!(
+            "{template_source}: the certificate resource must take its CSR from a parameter ({{\"Ref\": \"CSR\"}}) so that provline can supply each device's CSR"
+        )));
+    }
+    let profile = Profile::default();
+    let pattern = NamePattern::parse(&opts.thing_name)?;
+    let attribute_columns = template.attribute_columns();
+    let ingested = ingest(
+        &opts.inputs,
+        &IngestOptions {
+            profile: &profile,
+            pattern: &pattern,
+            attribute_columns: &attribute_columns,
+            skip_invalid: opts.skip_invalid,
+            delimiter: opts.delimiter,
+        },
+    )?;
+    let mut columns = BTreeSet::new();
+    for d in &ingested.devices {
+        columns.extend(d.values.keys().cloned());
+    }
+    let optional: BTreeSet<String> = profile.columns.iter().filter(|c| !c.required).map(|c| c.name.clone()).collect();
+    let unfilled = template.unfilled_parameters(&columns, &optional);
+    if !unfilled.is_empty() {
+        return Err(Error::config(format!(
+            "{template_source}: parameter{} {} ha{} no Default and no column supplies {}; add the column{} to the CSV or a Default to the template",
+            if unfilled.len() == 1 { "" } else { "s" },
+            unfilled.iter().map(|u| format!("`{u}`")).collect::<Vec<_>>().join(", "),
+            if unfilled.len() == 1 { "s" } else { "ve" },
+            if unfilled.len() == 1 { "it" } else { "them" },
+            if unfilled.len() == 1 { "" } else { "s" },
+        )));
+    }
+    let settings = Settings {
+        key_type: opts.key_type,
+        template_source,
+        template_body: body,
+        thing_name: opts.thing_name.clone(),
+        bucket: opts.bucket.clone().unwrap_or_default(),
+        prefix: opts.prefix.trim_matches('/').to_string(),
+        role_arn: opts.role_arn.clone().unwrap_or_default(),
+        inputs: opts.inputs.iter().map(|p| p.display().to_string()).collect(),
+        task_timeout_secs: opts.task_timeout.map(|d| d.as_secs()),
+    };
+    // The batch is what is registered: the rows (after skipping), how keys
+    // and names are made, and the template. Same inputs, same batch.
+    let mut h = String::new();
+    for d in &ingested.devices {
+        h.push_str(&d.fingerprint());
+        h.push('\n');
+    }
+    h.push_str(settings.key_type.as_str());
+    h.push('\n');
+    h.push_str(&settings.template_body);
+    let digest = sha256_hex(h.as_bytes());
+    let batch = format!("batch-{}", &digest[..12]);
+    Ok(Prepared {
+        settings,
+        template,
+        devices: ingested.devices,
+        files: ingested.files,
+        skipped: ingested.skipped,
+        batch,
+        digest,
+    })
+}
+
+/// The plan `--dry-run` prints: plain data, no endpoint needed.
+pub fn plan(p: &Prepared, out: &std::path::Path) -> serde_json::Value {
+    let sample: Vec<_> = p
+        .devices
+        .iter()
+        .take(5)
+        .map(|d| serde_json::json!({"thing_name": d.thing_name, "serial_number": d.serial, "from": format!("{}:{}", d.file, d.line), "device_csr": d.csr.is_some()}))
+        .collect();
+    let device_csrs = p.devices.iter().filter(|d| d.csr.is_some()).count();
+    serde_json::json!({
+        "batch": p.batch,
+        "out": out.join(&p.batch),
+        "inputs": p.files.iter().map(|f| serde_json::json!({"path": f.path, "rows": f.rows, "sha256": f.sha256, "delimiter": (f.delimiter as char).to_string()})).collect::<Vec<_>>(),
+        "devices": p.devices.len(),
+        "keys_to_generate": p.devices.len() - device_csrs,
+        "device_csrs": device_csrs,
+        "key_type": p.settings.key_type,
+        "skipped_rows": p.skipped.0.iter().map(|x| x.to_string()).collect::<Vec<_>>(),
+        "template": p.settings.template_source,
+        "template_parameters": p.template.parameters.keys().collect::<Vec<_>>(),
+        "policy": p.template.policy_name,
+        "s3_input": format!("s3://{}/{}", p.settings.bucket, input_key(&p.settings, &p.batch, 1)),
+        "role_arn": p.settings.role_arn,
+        "sample": sample,
+    })
+}
+
+fn input_key(s: &Settings, batch: &str, attempt: i64) -> String {
+    let prefix = if s.prefix.is_empty() { String::new() } else { format!("{}/", s.prefix) };
+    format!("{prefix}{batch}/attempt-{attempt}/registration.ndjson")
+}
+
+fn template_key(s: &Settings, batch: &str, attempt: i64) -> String {
+    let prefix = if s.prefix.is_empty() { String::new() } else { format!("{}/", s.prefix) };
+    format!("{prefix}{batch}/attempt-{attempt}/template.json")
+}
+
+/// Records a prepared batch in the ledger, refusing rows that conflict with
+/// earlier batches. Returns false when the batch was already there.
+pub fn record_batch(ledger: &mut Ledger, p: &Prepared) -> Result<bool> {
+    if ledger.batch(&p.batch)?.is_some() {
+        return Ok(false);
+    }
+    let mut problems = Problems::default();
+    for d in &p.devices {
+        for (other, row) in ledger.earlier(&p.batch, &d.serial, &d.thing_name)? {
+            let live = matches!(row.state.as_str(), state::REGISTERED | state::BUNDLED | state::SUBMITTED | state::STAGED);
+            let what = if row.fingerprint != d.fingerprint() {
+                format!(
+                    "serial `{}` / thing `{}` is already in {other} ({}:{}) with different data; provline never re-registers a device silently: correct the row, or remove it if the device was already provisioned",
+                    d.serial, d.thing_name, row.file, row.line
+                )
+            } else if live {
+                format!(
+                    "device `{}` was already provisioned in {other} ({}:{}, {}); remove the row, or it would get a second certificate",
+                    d.thing_name, row.file, row.line, row.state
+                )
+            } else {
+                continue;
+            };
+            problems.push(Problem::new(what).file(d.file.to_string()).line(d.line).device(d.thing_name.clone()));
+        }
+    }
+    problems.into_result()?;
+    let settings = serde_json::to_string(&p.settings).map_err(|e| Error::Other(e.into()))?;
+    let inputs: Vec<(String, String, usize)> = p
+        .files
+        .iter()
+        .map(|f| (f.path.display().to_string(), f.sha256.clone(), f.rows))
+        .collect();
+    let records: Vec<String> = p
+        .devices
+        .iter()
+        .map(|d| {
+            serde_json::to_string(&StoredDevice {
+                serial: d.serial.clone(),
+                thing_name: d.thing_name.clone(),
+                values: d.values.clone(),
+                device_csr: d.csr.as_ref().map(|c| c.pem.clone()),
+            })
+            .expect("a stored device serialises")
+        })
+        .collect();
+    let new: Vec<NewDevice<'_>> = p
+        .devices
+        .iter()
+        .zip(records)
+        .map(|(d, record)| NewDevice {
+            serial: &d.serial,
+            thing_name: &d.thing_name,
+            file: &d.file,
+            line: d.line,
+            fingerprint: d.fingerprint(),
+            record,
+        })
+        .collect();
+    ledger.create_batch(&p.batch, &p.digest, &settings, &inputs, &new)?;
+    Ok(true)
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct KeyLine {
+    thing_name: String,
+    key_pem: Option<String>,
+    csr_pem: String,
+    key_type: String,
+}
+
+fn load_keys(ws: &Workspace) -> Result<HashMap<String, Keyed>> {
+    let path = ws.keys_file();
+    let mut out = HashMap::new();
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(Error::infra(format!("cannot read {}: {e}", path.display()))),
+    };
+    for (i, line) in text.lines().enumerate() {
+        let k: KeyLine = serde_json::from_str(line)
+            .map_err(|e| Error::infra(format!("{}:{}: the key store is damaged: {e}", path.display(), i + 1)))?;
+        let key = csr_key_id(&k.csr_pem).map_err(|e| Error::infra(format!("{}:{}: {e}", path.display(), i + 1)))?;
+        out.insert(
+            k.thing_name,
+            Keyed { key_pem: k.key_pem.map(SecretPem), csr_pem: k.csr_pem, key, key_type: k.key_type },
+        );
+    }
+    Ok(out)
+}
+
+fn store_keys(ws: &Workspace, keys: &[(String, &Keyed)]) -> Result<()> {
+    let mut buf = String::new();
+    for (thing, k) in keys {
+        let line = KeyLine {
+            thing_name: thing.clone(),
+            key_pem: k.key_pem.as_ref().map(|s| s.0.clone()),
+            csr_pem: k.csr_pem.clone(),
+            key_type: k.key_type.clone(),
+        };
+        buf.push_str(&serde_json::to_string(&line).map_err(|e| Error::Other(e.into()))?);
+        buf.push('\n');
+    }
+    write_durable(&ws.keys_file(), buf.as_bytes(), 0o600)
+        .map_err(|e| Error::infra(format!("cannot write the key store {}: {e}", ws.keys_file().display())))
+}
+
+fn stored(row: &DeviceRow) -> Result<StoredDevice> {
+    serde_json::from_str(&row.record).map_err(|e| Error::infra(format!("ledger record of `{}`: {e}", row.thing_name)))
+}
+
+/// Keygen and persist: every device that has no key yet gets one, and the
+/// key store is durable (fsync'd, 0600) before the ledger says "keyed".
+fn keygen_stage(ledger: &mut Ledger, ws: &Workspace, s: &Settings, t: &mut Timings) -> Result<HashMap<String, Keyed>> {
+    let rows = ledger.devices(&ws.batch)?;
+    let mut keys = load_keys(ws)?;
+    let need: Vec<&DeviceRow> = rows.iter().filter(|r| !keys.contains_key(&r.thing_name)).collect();
+    if !need.is_empty() {
+        let started = Instant::now();
+        let devices: Vec<crate::ingest::Device> = need
+            .iter()
+            .map(|r| {
+                let sd = stored(r)?;
+                let csr = match &sd.device_csr {
+                    Some(pem) => Some(crate::csr::check_csr(pem).map_err(|e| Error::infra(format!("stored CSR of `{}`: {e}", r.thing_name)))?),
+                    None => None,
+                };
+                Ok(crate::ingest::Device {
+                    serial: sd.serial,
+                    thing_name: sd.thing_name,
+                    values: sd.values,
+                    file: r.file.as_str().into(),
+                    line: r.line as u64,
+                    csr,
+                })
+            })
+            .collect::<Result<_>>()?;
+        let made = generate_all(&devices, s.key_type);
+        let mut problems = Problems::default();
+        for (d, k) in devices.iter().zip(made) {
+            match k {
+                Ok(k) => {
+                    keys.insert(d.thing_name.clone(), k);
+                }
+                Err(e) => problems.push(Problem::new(e).device(d.thing_name.clone())),
+            }
+        }
+        problems.into_result()?;
+        t.add("keygen", started);
+        let started = Instant::now();
+        let mut all: Vec<(String, &Keyed)> = rows.iter().filter_map(|r| keys.get(&r.thing_name).map(|k| (r.thing_name.clone(), k))).collect();
+        all.sort_by(|a, b| a.0.cmp(&b.0));
+        store_keys(ws, &all)?;
+        t.add("persist", started);
+        tracing::info!(batch = %ws.batch, generated = need.len(), "keys generated and persisted");
+    }
+    let unmarked: Vec<(String, String, String)> = rows
+        .iter()
+        .filter(|r| r.state == state::INGESTED)
+        .filter_map(|r| keys.get(&r.thing_name).map(|k| (r.thing_name.clone(), k.key.fingerprint(), k.key_type.clone())))
+        .collect();
+    if !unmarked.is_empty() {
+        ledger.mark_keyed(&ws.batch, &unmarked)?;
+    }
+    Ok(keys)
+}
+
+/// Runs (or continues) a recorded batch to its end.
+pub async fn continue_batch(
+    ledger: &mut Ledger,
+    ws: &Workspace,
+    s: &Settings,
+    aws: &Aws,
+    ingest_seconds: Option<f64>,
+) -> Result<Summary> {
+    let mut t = Timings::default();
+    if let Some(secs) = ingest_seconds {
+        t.0.insert("ingest", secs);
+    }
+    ws.create().map_err(|e| Error::infra(format!("cannot create {}: {e}", ws.dir().display())))?;
+    let template = Template::check(&s.template_source, &s.template_body).map_err(Error::Input)?;
+    let keys = keygen_stage(ledger, ws, s, &mut t)?;
+
+    let attempts = ledger.attempts(&ws.batch)?;
+    let mut attempt = match attempts.last() {
+        Some(a) => a.clone(),
+        None => {
+            let rows = ledger.devices(&ws.batch)?;
+            let key = input_key(s, &ws.batch, 1);
+            ledger.add_attempt(&ws.batch, 1, &s.bucket, &key, rows.len())?;
+            ledger.attempts(&ws.batch)?.pop().expect("attempt just added")
+        }
+    };
+    let rows = ledger.devices(&ws.batch)?;
+    let in_attempt: Vec<&DeviceRow> = rows
+        .iter()
+        .filter(|r| r.attempt.is_none_or(|a| a == attempt.attempt))
+        .collect();
+
+    // Stage: lines in device order, written to the workspace, then uploaded.
+    let staged_path = ws.work().join(format!("attempt-{}.ndjson", attempt.attempt));
+    if !attempt.uploaded {
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        let mut problems = Problems::default();
+        for r in &in_attempt {
+            let sd = stored(r)?;
+            let k = keys.get(&r.thing_name).ok_or_else(|| Error::infra(format!("no key for `{}`", r.thing_name)))?;
+            match registration_line(&template, &sd, &k.csr_pem) {
+                Ok(line) => {
+                    buf.extend_from_slice(line.as_bytes());
+                    buf.push(b'\n');
+                }
+                Err(e) => problems.push(Problem::new(e).file(r.file.clone()).line(r.line as u64).device(r.thing_name.clone())),
+            }
+        }
+        problems.into_result()?;
+        write_durable(&staged_path, &buf, 0o600).map_err(|e| Error::infra(format!("{}: {e}", staged_path.display())))?;
+        let things: Vec<String> = in_attempt.iter().map(|r| r.thing_name.clone()).collect();
+        ledger.set_state(&ws.batch, &things, state::STAGED, Some(attempt.attempt))?;
+        crate::stage::upload(aws, &attempt.s3_bucket, &attempt.s3_key, &template_key(s, &ws.batch, attempt.attempt), &s.template_body, buf).await?;
+        ledger.set_uploaded(&ws.batch, attempt.attempt)?;
+        attempt.uploaded = true;
+        t.add("stage", started);
+        tracing::info!(batch = %ws.batch, key = %attempt.s3_key, lines = in_attempt.len(), "staged");
+    }
+
+    // Register.
+    let lines = in_attempt.len() as u64;
+    let timeout = s
+        .task_timeout_secs
+        .map(Duration::from_secs)
+        .unwrap_or_else(|| Duration::from_secs(600 + lines / 2));
+    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
+    if attempt.task_id.is_none() {
+        // A crash may have come between the start call and storing its id.
+        if let Some(found) = crate::register::find_task_by_input(aws, &attempt.s3_bucket, &attempt.s3_key).await? {
+            tracing::info!(task_id = %found, "found the task started for this attempt before a crash");
+            ledger.set_task(&ws.batch, attempt.attempt, &found)?;
+            attempt.task_id = Some(found);
+        } else {
+            crate::register::wait_for_account(aws, deadline).await?;
+            let template_body = &s.template_body;
+            let id = crate::register::start(aws, template_body, &attempt.s3_bucket, &attempt.s3_key, &s.role_arn).await?;
+            ledger.set_task(&ws.batch, attempt.attempt, &id)?;
+            tracing::info!(task_id = %id, "bulk registration task started");
+            attempt.task_id = Some(id);
+        }
+        let things: Vec<String> = in_attempt.iter().map(|r| r.thing_name.clone()).collect();
+        ledger.set_state(&ws.batch, &things, state::SUBMITTED, None)?;
+    }
+    let task_id = attempt.task_id.clone().expect("set above");
+    if !attempt.task_status.as_deref().is_some_and(crate::register::is_terminal) {
+        let end = crate::register::follow(aws, &task_id, lines, deadline).await?;
+        ledger.set_task_end(&ws.batch, attempt.attempt, &end.status, end.success, end.failure, end.message.as_deref())?;
+        if end.success + end.failure != lines as i64 {
+            tracing::warn!(task_id, success = end.success, failure = end.failure, lines, "the task's counts do not add up to the lines staged; unaccounted devices are checked one by one");
+        }
+        tracing::info!(task_id, status = %end.status, success = end.success, failure = end.failure, "task ended");
+        attempt = ledger.attempts(&ws.batch)?.into_iter().find(|a| a.attempt == attempt.attempt).expect("attempt exists");
+    }
+    t.add("register", started);
+
+    // Reconcile, from the reports kept in the workspace.
+    let started = Instant::now();
+    let reports_dir = ws.reports_dir(&task_id);
+    if !attempt.reports_done {
+        crate::reports::fetch_all(aws, &task_id, &reports_dir).await?;
+        ledger.set_reports_done(&ws.batch, attempt.attempt)?;
+    }
+    let (results, errors) = crate::reports::read_saved(&reports_dir)?;
+    let staged: Vec<StagedDevice> = in_attempt
+        .iter()
+        .enumerate()
+        .map(|(i, r)| StagedDevice {
+            index: i,
+            thing_name: r.thing_name.clone(),
+            key: keys[&r.thing_name].key.clone(),
+        })
+        .collect();
+    let rec = reconcile(&staged, template.thing_resource.as_deref(), template.certificate_resource.as_deref(), &results, &errors);
+    for note in &rec.notes {
+        tracing::warn!(task_id, "{note}");
+    }
+    if rec.unparsed > 0 || rec.unmatched > 0 {
+        tracing::warn!(task_id, unparsed = rec.unparsed, unmatched = rec.unmatched, "report lines that belong to no device of this attempt (kept in {})", reports_dir.display());
+    }
+    let mut certs: HashMap<String, (String, String)> = HashMap::new();
+    let mut outcomes = Vec::new();
+    for (dev, verdict) in staged.iter().zip(rec.verdicts) {
+        let verdict = match verdict {
+            Verdict::NeedsCertificate { certificate_id } => fetch_certificate(aws, &certificate_id, &dev.key).await,
+            Verdict::Unknown { hint } => lookup_registry(aws, &dev.thing_name, &dev.key, hint).await,
+            v => v,
+        };
+        let o = match verdict {
+            Verdict::Registered { certificate_id, certificate_pem } => {
+                certs.insert(dev.thing_name.clone(), (certificate_id.clone(), certificate_pem));
+                Outcome { thing_name: dev.thing_name.clone(), registered: true, certificate_id: Some(certificate_id), error_class: None, error: None }
+            }
+            Verdict::Failed { class, message } => Outcome { thing_name: dev.thing_name.clone(), registered: false, certificate_id: None, error_class: Some(class), error: Some(message) },
+            Verdict::Unknown { hint } => Outcome {
+                thing_name: dev.thing_name.clone(),
+                registered: false,
+                certificate_id: None,
+                error_class: Some("unknown".into()),
+                error: Some(hint.unwrap_or_else(|| "no report line names this device and the registry holds no certificate with its key".into())),
+            },
+            Verdict::NeedsCertificate { .. } => unreachable!("resolved above"),
+        };
+        outcomes.push(o);
+    }
+    let not_bundled: Vec<Outcome> = outcomes
+        .into_iter()
+        .filter(|o| rows.iter().any(|r| r.thing_name == o.thing_name && r.state != state::BUNDLED))
+        .collect();
+    ledger.record_outcomes(&ws.batch, &not_bundled)?;
+    t.add("reconcile", started);
+
+    // Bundle.
+    let started = Instant::now();
+    let rows = ledger.devices(&ws.batch)?;
+    let to_bundle: Vec<&DeviceRow> = rows.iter().filter(|r| r.state == state::REGISTERED).collect();
+    if !to_bundle.is_empty() {
+        let endpoint = crate::sandbox_setup::data_endpoint(aws).await?;
+        let mut done = Vec::new();
+        let mut failures = Vec::new();
+        for r in to_bundle {
+            let k = &keys[&r.thing_name];
+            let Some((cert_id, cert_pem)) = certs.get(&r.thing_name) else {
+                failures.push(Outcome { thing_name: r.thing_name.clone(), registered: false, certificate_id: r.certificate_id.clone(), error_class: Some("bundle".into()), error: Some("the certificate is no longer at hand; run `provline resume`".into()) });
+                continue;
+            };
+            let input = BundleInput {
+                thing_name: &r.thing_name,
+                serial: &r.serial,
+                certificate_pem: cert_pem,
+                certificate_id: cert_id,
+                key_pem: k.key_pem.as_ref().map(|s| s.0.as_str()),
+                key: &k.key,
+                key_type: &k.key_type,
+                endpoint: &endpoint,
+                batch: &ws.batch,
+            };
+            match write_bundle(ws, &input) {
+                Ok(_) => done.push(r.thing_name.clone()),
+                Err(e) => failures.push(Outcome { thing_name: r.thing_name.clone(), registered: false, certificate_id: Some(cert_id.clone()), error_class: Some("bundle".into()), error: Some(e) }),
+            }
+        }
+        crate::workspace::sync_dir(&ws.bundles()).map_err(|e| Error::infra(format!("{}: {e}", ws.bundles().display())))?;
+        ledger.set_state(&ws.batch, &done, state::BUNDLED, None)?;
+        ledger.record_outcomes(&ws.batch, &failures)?;
+    }
+    t.add("bundle", started);
+
+    let started = Instant::now();
+    let mut summary = write_reports(ledger, ws, &[task_id], &t)?;
+    t.add("report", started);
+    summary.stage_seconds = t.0.clone();
+    ledger.finish_batch(&ws.batch)?;
+    Ok(summary)
+}
+
+async fn fetch_certificate(aws: &Aws, id: &str, key: &KeyId) -> Verdict {
+    match aws.iot.describe_certificate().certificate_id(id).send().await {
+        Ok(d) => match d.certificate_description().and_then(|c| c.certificate_pem()) {
+            Some(pem) => match verify_certificate(pem, Some(id), key) {
+                Ok((certificate_id, certificate_pem)) => Verdict::Registered { certificate_id, certificate_pem },
+                Err(e) => Verdict::Failed { class: "verification".into(), message: e },
+            },
+            None => Verdict::Failed { class: "verification".into(), message: format!("DescribeCertificate {id} returned no PEM") },
+        },
+        Err(e) => Verdict::Unknown { hint: Some(format!("DescribeCertificate {id}: {}", describe(&e))) },
+    }
+}
+
+/// For a device no report accounts for: is there an active certificate with
+/// its key attached to its thing?
+async fn lookup_registry(aws: &Aws, thing: &str, key: &KeyId, hint: Option<String>) -> Verdict {
+    let principals = match aws.iot.list_thing_principals().thing_name(thing).send().await {
+        Ok(p) => p.principals().to_vec(),
+        Err(e) => {
+            let text = describe(&e);
+            if text.contains("ResourceNotFound") {
+                return Verdict::Unknown { hint: hint.or(Some(format!("thing `{thing}` does not exist: it was not registered"))) };
+            }
+            return Verdict::Unknown { hint: Some(format!("registry lookup failed: {text}")) };
+        }
+    };
+    for arn in principals.iter().filter(|a| a.contains(":cert/")) {
+        let id = arn.rsplit('/').next().unwrap_or(arn);
+        if let Ok(d) = aws.iot.describe_certificate().certificate_id(id).send().await {
+            let Some(desc) = d.certificate_description() else { continue };
+            let active = desc.status().map(|s| s.as_str() == "ACTIVE").unwrap_or(false);
+            if let (true, Some(pem)) = (active, desc.certificate_pem()) {
+                if let Ok((certificate_id, certificate_pem)) = verify_certificate(pem, Some(id), key) {
+                    tracing::info!(thing, certificate_id, "found the device's certificate in the registry");
+                    return Verdict::Registered { certificate_id, certificate_pem };
+                }
+            }
+        }
+    }
+    Verdict::Unknown { hint }
+}
+
+/// results.csv, manifest.json and report.json, from the ledger.
+pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &Timings) -> Result<Summary> {
+    let rows = ledger.devices(&ws.batch)?;
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(["serial_number", "thing_name", "status", "certificate_id", "error"]).map_err(|e| Error::Other(e.into()))?;
+    let (mut registered, mut failed, mut bundled) = (0, 0, 0);
+    for r in &rows {
+        let status = match r.state.as_str() {
+            state::BUNDLED => {
+                registered += 1;
+                bundled += 1;
+                "registered"
+            }
+            state::REGISTERED => {
+                registered += 1;
+                "registered-not-bundled"
+            }
+            state::FAILED => {
+                failed += 1;
+                "failed"
+            }
+            other => other,
+        };
+        let error = match (&r.error_class, &r.error) {
+            (Some(c), Some(e)) => format!("{c}: {e}"),
+            (None, Some(e)) => e.clone(),
+            _ => String::new(),
+        };
+        w.write_record([r.serial.as_str(), r.thing_name.as_str(), status, r.certificate_id.as_deref().unwrap_or(""), error.as_str()])
+            .map_err(|e| Error::Other(e.into()))?;
+    }
+    let csv_bytes = w.into_inner().map_err(|e| Error::Other(anyhow::anyhow!("{e}")))?;
+    let io = |p: &std::path::Path, e: std::io::Error| Error::infra(format!("{}: {e}", p.display()));
+    let results = ws.dir().join("results.csv");
+    write_durable(&results, &csv_bytes, 0o644).map_err(|e| io(&results, e))?;
+
+    let entries = manifest_entries(ws).map_err(|e| io(&ws.bundles(), e))?;
+    let manifest = serde_json::json!({
+        "batch": ws.batch,
+        "algorithm": "sha256",
+        "files": entries.iter().map(|(p, h, n)| serde_json::json!({"path": p, "sha256": h, "bytes": n})).collect::<Vec<_>>(),
+    });
+    let mpath = ws.dir().join("manifest.json");
+    write_durable(&mpath, format!("{}\n", serde_json::to_string_pretty(&manifest).expect("json")).as_bytes(), 0o644).map_err(|e| io(&mpath, e))?;
+
+    let report = serde_json::json!({
+        "batch": ws.batch,
+        "devices": rows.len(),
+        "registered": registered,
+        "failed": failed,
+        "bundled": bundled,
+        "task_ids": task_ids,
+        "attempts": ledger.attempts(&ws.batch)?,
+        "stage_seconds": t.0,
+    });
+    let rpath = ws.dir().join("report.json");
+    write_durable(&rpath, format!("{}\n", serde_json::to_string_pretty(&report).expect("json")).as_bytes(), 0o644).map_err(|e| io(&rpath, e))?;
+    Ok(Summary {
+        batch: ws.batch.clone(),
+        dir: ws.dir(),
+        devices: rows.len(),
+        registered,
+        failed,
+        bundled,
+        skipped: 0,
+        task_ids: task_ids.to_vec(),
+        already_done: false,
+        stage_seconds: BTreeMap::new(),
+    })
+}
+
+/// The summary of a batch the ledger says is done, without touching anything.
+pub fn finished_summary(ledger: &Ledger, ws: &Workspace) -> Result<Summary> {
+    let rows = ledger.devices(&ws.batch)?;
+    let attempts: Vec<AttemptRow> = ledger.attempts(&ws.batch)?;
+    let bundled = rows.iter().filter(|r| r.state == state::BUNDLED).count();
+    let registered = bundled + rows.iter().filter(|r| r.state == state::REGISTERED).count();
+    let failed = rows.iter().filter(|r| r.state == state::FAILED).count();
+    Ok(Summary {
+        batch: ws.batch.clone(),
+        dir: ws.dir(),
+        devices: rows.len(),
+        registered,
+        failed,
+        bundled,
+        skipped: 0,
+        task_ids: attempts.iter().filter_map(|a| a.task_id.clone()).collect(),
+        already_done: true,
+        stage_seconds: BTreeMap::new(),
+    })
+}
+
+pub fn is_done(ledger: &Ledger, batch: &str) -> Result<bool> {
+    Ok(ledger.batch(batch)?.is_some_and(|b| b.state == batch_state::DONE))
+}

@@ -1,0 +1,453 @@
+//! A local stand-in for the parts of AWS IoT Core and S3 that device
+//! provisioning uses.
+//!
+//! The sandbox speaks the real wire protocols on one loopback endpoint, so the
+//! unmodified `aws-sdk-iot` / `aws-sdk-s3` clients and the AWS CLI talk to it
+//! through an endpoint URL:
+//!
+//! - requests signed for the `iot` (or `execute-api`) service go to an
+//!   emulation of the IoT control plane: the registry (things, thing types,
+//!   thing groups, billing groups, policies, certificates and their
+//!   attachments) and bulk registration (`StartThingRegistrationTask` and its
+//!   family), including per-line failures, one task at a time, and report
+//!   files in S3 behind pre-signed links;
+//! - everything else goes to an S3 implementation (`s3s` over `s3s-fs`)
+//!   whose objects are plain files under `<state_dir>/s3/<bucket>/<key>`.
+//!
+//! Certificates are signed by the sandbox's own CA (P-256, made once per
+//! state directory). All state lives in `<state_dir>/iot-state.json`, so a
+//! sandbox can be stopped and started again, and a bulk task that was running
+//! resumes where its persisted progress says.
+//!
+//! # What it implements
+//!
+//! - Bulk registration: `StartThingRegistrationTask`,
+//!   `DescribeThingRegistrationTask`, `ListThingRegistrationTasks`,
+//!   `StopThingRegistrationTask`, `ListThingRegistrationTaskReports`.
+//! - Things: `CreateThing`, `DescribeThing`, `ListThings`, `UpdateThing`,
+//!   `DeleteThing`, `AttachThingPrincipal`, `DetachThingPrincipal`,
+//!   `ListThingPrincipals`, `ListPrincipalThings`, `ListThingGroupsForThing`.
+//! - Types and groups: `CreateThingType`, `DescribeThingType`,
+//!   `ListThingTypes`, `DeprecateThingType`, `CreateThingGroup`,
+//!   `DescribeThingGroup`, `ListThingGroups`, `AddThingToThingGroup`,
+//!   `CreateBillingGroup`, `DescribeBillingGroup`.
+//! - Policies: `CreatePolicy`, `GetPolicy`, `ListPolicies`, `DeletePolicy`,
+//!   `AttachPolicy`, `DetachPolicy`, `ListAttachedPolicies`,
+//!   `ListTargetsForPolicy`.
+//! - Certificates: `CreateCertificateFromCsr`, `DescribeCertificate`,
+//!   `ListCertificates`, `UpdateCertificate`, `DeleteCertificate`,
+//!   `RegisterCertificate`, `RegisterCertificateWithoutCA`,
+//!   `GetRegistrationCode`, `RegisterCACertificate`,
+//!   `DescribeCACertificate`, `ListCACertificates`, `UpdateCACertificate`.
+//! - `DescribeEndpoint` (`iot:Data`, `iot:Data-ATS`,
+//!   `iot:CredentialProvider`, `iot:Jobs`).
+//!
+//! Any other IoT call gets HTTP 404 with the error type
+//! `UnknownOperationException`. S3 is whatever `s3s-fs` implements.
+//!
+//! Where AWS leaves behaviour undocumented (the report line format above
+//! all), [`ReportFormat`] selects which plausible variant the sandbox
+//! produces, so that clients can be tested against each of them.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let sandbox = provline_sandbox::Sandbox::start(Default::default()).await?;
+//! println!("AWS_ENDPOINT_URL={}", sandbox.endpoint_url());
+//! sandbox.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+mod ca;
+#[cfg(test)]
+mod e2e_tests;
+mod ids;
+mod iot;
+mod s3;
+mod server;
+mod state;
+
+use std::fmt;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// The access key id clients must sign with (any other key `K` is accepted
+/// by the S3 side with the secret `K`; the IoT side checks no signatures).
+pub const ACCESS_KEY_ID: &str = "sandbox";
+/// The secret access key that goes with [`ACCESS_KEY_ID`].
+pub const SECRET_ACCESS_KEY: &str = "sandbox";
+/// The AWS account id the sandbox pretends to be.
+pub const ACCOUNT_ID: &str = "123456789012";
+/// The bucket that bulk registration task reports are written to.
+pub const REPORTS_BUCKET: &str = "aws-iot-bulk-reports";
+
+/// Name of the state file inside the state directory.
+const STATE_FILE: &str = "iot-state.json";
+
+/// The key that names the input line in a bulk task report line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LineKey {
+    /// `"lineNumber": N`, the form one AWS sample reads.
+    LineNumber,
+    /// `"offset": N`, a form no known source uses, for robustness tests.
+    Offset,
+    /// No line identifier at all.
+    Absent,
+}
+
+impl LineKey {
+    /// The JSON key written into report lines, if any.
+    pub fn json_key(&self) -> Option<&'static str> {
+        match self {
+            LineKey::LineNumber => Some("lineNumber"),
+            LineKey::Offset => Some("offset"),
+            LineKey::Absent => None,
+        }
+    }
+}
+
+impl fmt::Display for LineKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.json_key().unwrap_or("absent"))
+    }
+}
+
+impl FromStr for LineKey {
+    type Err = ConfigError;
+
+    /// Parses `lineNumber`, `offset` or `absent` (case-insensitive).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "linenumber" | "line-number" | "line_number" => Ok(LineKey::LineNumber),
+            "offset" => Ok(LineKey::Offset),
+            "absent" | "none" => Ok(LineKey::Absent),
+            _ => Err(ConfigError::new(format!(
+                "unknown line key `{s}`: expected `lineNumber`, `offset` or `absent`"
+            ))),
+        }
+    }
+}
+
+/// The shape of the RESULTS and ERRORS report lines of bulk tasks.
+///
+/// AWS documents none of it; each field picks one plausible variant.
+///
+/// # Syntax of [`FromStr`]
+///
+/// `KEY[:BASE][,legacy]` or just `legacy`, where `KEY` is a [`LineKey`]
+/// (`lineNumber`, `offset`, `absent`) and `BASE` is `0` or `1` (default 1):
+///
+/// - `lineNumber:1` — the default: `"lineNumber": 1` for the first line;
+/// - `offset:0` — `"offset": 0` for the first line;
+/// - `absent` — no line identifier in either report;
+/// - `legacy` — like `lineNumber:1`, but ERRORS lines in the legacy form
+///   `{"thingName", "errorCode", "errorMessage"}` (which has no line key);
+/// - `offset:0,legacy` — combinations work as expected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReportFormat {
+    /// Which key identifies the input line.
+    pub line_key: LineKey,
+    /// Number of the first input line: 0 or 1.
+    pub base: u32,
+    /// Write ERRORS lines as `{thingName, errorCode, errorMessage}`.
+    pub legacy_errors: bool,
+}
+
+impl Default for ReportFormat {
+    fn default() -> Self {
+        ReportFormat {
+            line_key: LineKey::LineNumber,
+            base: 1,
+            legacy_errors: false,
+        }
+    }
+}
+
+impl fmt::Display for ReportFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.line_key {
+            LineKey::Absent => write!(f, "absent")?,
+            ref key => write!(f, "{key}:{}", self.base)?,
+        }
+        if self.legacy_errors {
+            write!(f, ",legacy")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for ReportFormat {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut format = ReportFormat::default();
+        for (i, part) in s.split(',').map(str::trim).enumerate() {
+            if part.eq_ignore_ascii_case("legacy") {
+                format.legacy_errors = true;
+                continue;
+            }
+            if i > 0 {
+                return Err(ConfigError::new(format!(
+                    "unexpected `{part}` in report format `{s}`: only `legacy` may follow the key"
+                )));
+            }
+            let (key, base) = match part.split_once(':') {
+                Some((key, base)) => (key, Some(base)),
+                None => (part, None),
+            };
+            format.line_key = key.parse()?;
+            if let Some(base) = base {
+                format.base = match base {
+                    "0" => 0,
+                    "1" => 1,
+                    _ => {
+                        return Err(ConfigError::new(format!(
+                            "line base `{base}` in report format `{s}` must be 0 or 1"
+                        )))
+                    }
+                };
+            }
+        }
+        Ok(format)
+    }
+}
+
+/// A configuration value that could not be parsed.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+impl ConfigError {
+    fn new(message: String) -> Self {
+        ConfigError(message)
+    }
+}
+
+/// How to run a sandbox.
+///
+/// Every field parses from a command-line string with [`FromStr`]: `addr`
+/// as `127.0.0.1:4566`, `lines_per_second` as a number or `inf`, and
+/// `report_format` with the syntax documented on [`ReportFormat`].
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free port.
+    pub addr: SocketAddr,
+    /// Directory for all state (S3 objects, the IoT registry, the CA). `None`
+    /// makes a private temporary directory that is removed when the sandbox
+    /// is dropped.
+    pub state_dir: Option<PathBuf>,
+    /// The region the sandbox claims to be in (ARNs, endpoints).
+    pub region: String,
+    /// How many input lines a bulk task processes per second; 0 or infinity
+    /// means as fast as possible.
+    pub lines_per_second: f64,
+    /// The shape of bulk task report lines.
+    pub report_format: ReportFormat,
+    /// Seed for everything the sandbox makes up: task ids, thing ids,
+    /// certificate serial numbers.
+    pub seed: u64,
+    /// Lifetime of the pre-signed report links, in seconds.
+    pub report_link_ttl_secs: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            state_dir: None,
+            region: "us-east-1".to_owned(),
+            lines_per_second: 2000.0,
+            report_format: ReportFormat::default(),
+            seed: 0,
+            report_link_ttl_secs: 3600,
+        }
+    }
+}
+
+/// What every part of a running sandbox shares.
+pub(crate) struct Shared {
+    pub(crate) config: Config,
+    pub(crate) endpoint_url: String,
+    pub(crate) s3_root: PathBuf,
+    pub(crate) store: state::Store,
+    pub(crate) ca: ca::SandboxCa,
+    pub(crate) shutdown: watch::Receiver<bool>,
+    /// Background bulk-task engines, awaited on shutdown.
+    pub(crate) engines: std::sync::Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A running sandbox. Dropping it stops the server without waiting; call
+/// [`Sandbox::shutdown`] to stop cleanly and persist everything.
+pub struct Sandbox {
+    shared: Arc<Shared>,
+    state_dir: PathBuf,
+    shutdown_tx: watch::Sender<bool>,
+    server: Option<JoinHandle<()>>,
+    /// Keeps a private state directory alive; declared last so it is removed
+    /// after everything else has been dropped.
+    _temp_dir: Option<tempfile::TempDir>,
+}
+
+impl Sandbox {
+    /// Binds the listener, loads the state found in the state directory (if
+    /// any), resumes an unfinished bulk task and spawns the server on the
+    /// current tokio runtime.
+    pub async fn start(config: Config) -> anyhow::Result<Sandbox> {
+        let (state_dir, temp_dir) = match &config.state_dir {
+            Some(dir) => {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
+                (dir.clone(), None)
+            }
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("provline-sandbox-")
+                    .tempdir()
+                    .context("creating a temporary state directory")?;
+                (temp.path().to_path_buf(), Some(temp))
+            }
+        };
+
+        // A private directory cannot be restarted from, so it is not persisted.
+        let state_path = config.state_dir.as_ref().map(|_| state_dir.join(STATE_FILE));
+        let mut state = match &state_path {
+            Some(path) => state::load(path)?,
+            None => state::State::default(),
+        };
+        let ca = ca::SandboxCa::load_or_create(&mut state)?;
+
+        let s3_root = state_dir.join("s3");
+        let reports_dir = s3_root.join(REPORTS_BUCKET);
+        std::fs::create_dir_all(&reports_dir).with_context(|| format!("creating {}", reports_dir.display()))?;
+
+        let listener = tokio::net::TcpListener::bind(config.addr)
+            .await
+            .with_context(|| format!("binding {}", config.addr))?;
+        let mut local = listener.local_addr().context("reading the bound address")?;
+        if local.ip().is_unspecified() {
+            // Listening on every interface; clients still reach it on loopback.
+            local.set_ip(match local {
+                SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let endpoint_url = format!("http://{local}");
+
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            config,
+            endpoint_url,
+            s3_root: s3_root.clone(),
+            store: state::Store::new(state, state_path),
+            ca,
+            shutdown: shutdown_rx,
+            engines: std::sync::Mutex::new(Vec::new()),
+        });
+        shared.store.persist().await?;
+
+        let s3 = s3::service(&s3_root)?;
+        iot::task::resume_unfinished(&shared);
+        let server = tokio::spawn(server::serve(listener, shared.clone(), s3));
+        tracing::info!(endpoint = %shared.endpoint_url, state_dir = %state_dir.display(), "sandbox started");
+
+        Ok(Sandbox {
+            shared,
+            state_dir,
+            shutdown_tx,
+            server: Some(server),
+            _temp_dir: temp_dir,
+        })
+    }
+
+    /// The endpoint URL for clients, such as `http://127.0.0.1:40123`.
+    pub fn endpoint_url(&self) -> String {
+        self.shared.endpoint_url.clone()
+    }
+
+    /// The PEM of the sandbox CA that signs device certificates.
+    pub fn ca_certificate_pem(&self) -> String {
+        self.shared.ca.certificate_pem().to_owned()
+    }
+
+    /// The directory holding the sandbox's state.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Stops accepting requests, lets open connections finish, stops the bulk
+    /// task engine where it is and persists the state.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        let _ = self.shutdown_tx.send(true);
+        if let Some(server) = self.server.take() {
+            server.await.context("the sandbox server panicked")?;
+        }
+        let engines = std::mem::take(&mut *state::lock(&self.shared.engines));
+        for engine in engines {
+            engine.await.context("a bulk task engine panicked")?;
+        }
+        self.shared.store.persist().await?;
+        tracing::info!(endpoint = %self.shared.endpoint_url, "sandbox stopped");
+        Ok(())
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let _ = self.shutdown_tx.send(true);
+    }
+}
+
+impl fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sandbox")
+            .field("endpoint_url", &self.shared.endpoint_url)
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_format_syntax() {
+        let parse = |s: &str| s.parse::<ReportFormat>().unwrap();
+        assert_eq!(parse("lineNumber:1"), ReportFormat::default());
+        assert_eq!(
+            parse("offset:0"),
+            ReportFormat {
+                line_key: LineKey::Offset,
+                base: 0,
+                legacy_errors: false
+            }
+        );
+        assert_eq!(parse("absent").line_key, LineKey::Absent);
+        assert_eq!(
+            parse("legacy"),
+            ReportFormat {
+                legacy_errors: true,
+                ..ReportFormat::default()
+            }
+        );
+        assert_eq!(
+            parse("offset:0,legacy"),
+            ReportFormat {
+                line_key: LineKey::Offset,
+                base: 0,
+                legacy_errors: true
+            }
+        );
+        assert!("lineNumber:2".parse::<ReportFormat>().is_err());
+        assert!("line".parse::<ReportFormat>().is_err());
+        assert!("legacy,offset".parse::<ReportFormat>().is_err());
+        for s in ["lineNumber:1", "offset:0", "absent", "lineNumber:0,legacy"] {
+            assert_eq!(parse(s).to_string(), s);
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Helpers shared by the integration tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn provline() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_provline"));
+    c.env_remove("RUST_LOG").env("NO_COLOR", "1");
+    c
+}
+
+pub struct Ran {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+pub fn run(cmd: &mut Command) -> Ran {
+    let Output { status, stdout, stderr } = cmd.output().expect("provline runs");
+    Ran {
+        code: status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&stderr).into_owned(),
+    }
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures").join(name)
+}
+
+/// A manufacturing CSV with `n` valid devices.
+pub fn csv_rows(prefix: &str, n: usize) -> String {
+    let mut s = String::from("serial_number,model,mac_address,hardware_revision,lot\n");
+    for i in 1..=n {
+        s.push_str(&format!(
+            "{prefix}{i:06},TH-100,A4:CF:12:00:{:02X}:{:02X},r2,LOT-A\n",
+            i / 256,
+            i % 256
+        ));
+    }
+    s
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+pub fn has_openssl() -> bool {
+    Command::new("openssl").arg("version").output().is_ok_and(|o| o.status.success())
+}
+
+/// A CSR made by openssl for a key of the given kind (`-newkey` argument).
+pub fn openssl_csr(dir: &Path, name: &str, newkey: &[&str], cn: &str) -> String {
+    let key = dir.join(format!("{name}.key"));
+    let csr = dir.join(format!("{name}.csr"));
+    let out = Command::new("openssl")
+        .args(["req", "-new", "-nodes"])
+        .args(newkey)
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&csr)
+        .args(["-subj", &format!("/CN={cn}")])
+        .output()
+        .expect("openssl runs");
+    assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    std::fs::read_to_string(csr).unwrap()
+}
+
+/// Quotes a value for a CSV cell.
+pub fn cell(v: &str) -> String {
+    format!("\"{}\"", v.replace('"', "\"\""))
+}

@@ -1,0 +1,7 @@
+//! provline's integration tests: one binary, modules by topic.
+
+mod cases;
+mod common;
+mod pipeline;
+mod sandbox_cli;
+mod sandbox_sdk;

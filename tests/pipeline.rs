@@ -1,0 +1,248 @@
+//! The bulk pipeline end to end, through the built binary and the embedded sandbox.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use rcgen::PublicKeyData;
+use sha2::{Digest, Sha256};
+use x509_parser::prelude::*;
+
+use crate::common::*;
+
+fn pem_der(text: &str) -> Vec<u8> {
+    ::pem::parse(text.as_bytes()).unwrap().into_contents()
+}
+
+/// The CA and the registry, read by opening the sandbox's state after the run.
+struct Registry {
+    ca_pem: String,
+    tasks: usize,
+    principals: BTreeMap<String, Vec<String>>,
+}
+
+fn registry(state: &Path, things: &[String]) -> Registry {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let sb = provline_sandbox::Sandbox::start(provline_sandbox::Config {
+            state_dir: Some(state.to_path_buf()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let aws = provline::aws::Aws::connect(&provline::sandbox_setup::connection(&sb.endpoint_url())).await;
+        let tasks = aws.iot.list_thing_registration_tasks().send().await.unwrap().task_ids().len();
+        let mut principals = BTreeMap::new();
+        for t in things {
+            let p = aws.iot.list_thing_principals().thing_name(t).send().await.unwrap();
+            principals.insert(t.clone(), p.principals().to_vec());
+        }
+        let ca_pem = sb.ca_certificate_pem();
+        sb.shutdown().await.unwrap();
+        Registry { ca_pem, tasks, principals }
+    })
+}
+
+fn batch_dir(stdout: &str) -> PathBuf {
+    PathBuf::from(stdout.lines().last().expect("the batch directory is printed").trim())
+}
+
+fn results(dir: &Path) -> Vec<BTreeMap<String, String>> {
+    let mut r = csv::Reader::from_path(dir.join("results.csv")).unwrap();
+    r.deserialize().map(|x| x.unwrap()).collect()
+}
+
+#[test]
+fn two_hundred_devices_end_to_end_with_verified_bundles() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let ran = run(provline().args(["run", "--sandbox", "--out"]).arg(&out).arg(fixture("batch-200.csv")));
+    assert_eq!(ran.code, 0, "stderr:\n{}", ran.stderr);
+    let dir = batch_dir(&ran.stdout);
+    assert!(dir.starts_with(&out));
+
+    let rows = results(&dir);
+    assert_eq!(rows.len(), 200);
+    assert_eq!(rows.iter().filter(|r| r["status"] == "registered").count(), 200);
+    let things: Vec<String> = rows.iter().map(|r| r["thing_name"].clone()).collect();
+    assert_eq!(things[0], "TH100-000001");
+
+    let reg = registry(&out.join(".sandbox"), &things);
+    assert_eq!(reg.tasks, 1, "one bulk task for one batch");
+    let ca_der = pem_der(&reg.ca_pem);
+    let (_, ca) = X509Certificate::from_der(&ca_der).unwrap();
+
+    for row in &rows {
+        let thing = &row["thing_name"];
+        let b = dir.join("bundles").join(thing);
+        let cert_pem = std::fs::read_to_string(b.join("certificate.pem.crt")).unwrap();
+        let key_pem = std::fs::read_to_string(b.join("private.pem.key")).unwrap();
+        for text in [&cert_pem, &key_pem] {
+            assert!(!text.contains('\r') && text.ends_with('\n'), "{thing}: PEM must be LF-only with a final newline");
+        }
+        let der = pem_der(&cert_pem);
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        cert.verify_signature(Some(ca.public_key())).expect("the certificate chains to the sandbox CA");
+        let key = rcgen::KeyPair::from_pem(&key_pem).unwrap();
+        assert_eq!(cert.public_key().raw, key.subject_public_key_info().as_slice(), "{thing}: certificate and key match");
+        let id = hex::encode(Sha256::digest(&der));
+        assert_eq!(row["certificate_id"], id);
+        let device: serde_json::Value = serde_json::from_slice(&std::fs::read(b.join("device.json")).unwrap()).unwrap();
+        assert_eq!(device["thing_name"], thing.as_str());
+        assert_eq!(device["client_id"], thing.as_str());
+        assert_eq!(device["port"], 8883);
+        assert_eq!(device["certificate_id"], id.as_str());
+        assert_eq!(device["key_type"], "ec-p256");
+        assert!(device["endpoint"].as_str().unwrap().contains("-ats.iot."));
+        let ca1 = std::fs::read_to_string(b.join("AmazonRootCA1.pem")).unwrap();
+        let root_der = pem_der(&ca1);
+        let (_, root) = X509Certificate::from_der(&root_der).unwrap();
+        assert!(root.subject().to_string().contains("Amazon Root CA 1"));
+        assert!(b.join("AmazonRootCA3.pem").exists());
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(b.join("private.pem.key")).unwrap().permissions().mode() & 0o777, 0o600);
+        // Exactly one certificate on the thing, and it is this one.
+        let p = &reg.principals[thing];
+        assert_eq!(p.len(), 1, "{thing}: {p:?}");
+        assert!(p[0].ends_with(&format!("cert/{id}")));
+    }
+
+    // Manifest: every bundle file, with the right checksum.
+    let manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    let files = manifest["files"].as_array().unwrap();
+    assert_eq!(files.len(), 200 * 5);
+    for f in files {
+        let bytes = std::fs::read(dir.join(f["path"].as_str().unwrap())).unwrap();
+        assert_eq!(f["sha256"].as_str().unwrap(), hex::encode(Sha256::digest(&bytes)));
+    }
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!((report["devices"].as_u64(), report["registered"].as_u64(), report["failed"].as_u64(), report["bundled"].as_u64()), (Some(200), Some(200), Some(0), Some(200)));
+    assert_eq!(report["task_ids"].as_array().unwrap().len(), 1);
+
+    // No private key in the logs, S3 or anywhere but the bundle and the workspace.
+    assert!(!ran.stderr.contains("PRIVATE KEY"));
+    let s3 = out.join(".sandbox");
+    assert!(!grep_tree(&s3, "PRIVATE KEY"), "a private key reached the sandbox's S3 or registry");
+
+    // The same check with real openssl, so we are not only checking ourselves.
+    if has_openssl() {
+        let ca_file = tmp.path().join("sandbox-ca.pem");
+        std::fs::write(&ca_file, &reg.ca_pem).unwrap();
+        for row in rows.iter().step_by(10) {
+            let b = dir.join("bundles").join(&row["thing_name"]);
+            let cert_pub = Command::new("openssl").args(["x509", "-noout", "-pubkey", "-in"]).arg(b.join("certificate.pem.crt")).output().unwrap();
+            let key_pub = Command::new("openssl").args(["pkey", "-pubout", "-in"]).arg(b.join("private.pem.key")).output().unwrap();
+            assert!(cert_pub.status.success() && key_pub.status.success());
+            assert_eq!(cert_pub.stdout, key_pub.stdout, "openssl: {} key and certificate differ", row["thing_name"]);
+            let verify = Command::new("openssl").args(["verify", "-CAfile"]).arg(&ca_file).arg(b.join("certificate.pem.crt")).output().unwrap();
+            assert!(verify.status.success(), "openssl verify: {}", String::from_utf8_lossy(&verify.stdout));
+            let fp = Command::new("openssl").args(["x509", "-noout", "-fingerprint", "-sha256", "-in"]).arg(b.join("certificate.pem.crt")).output().unwrap();
+            let fp = String::from_utf8_lossy(&fp.stdout).trim().rsplit('=').next().unwrap().replace(':', "").to_lowercase();
+            assert_eq!(fp, row["certificate_id"]);
+        }
+    } else {
+        eprintln!("openssl not found: skipped the openssl cross-check");
+    }
+
+    // Invariant 3: re-running the finished batch changes nothing and says so.
+    let again = run(provline().args(["run", "--sandbox", "--out"]).arg(&out).arg(fixture("batch-200.csv")));
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(again.stderr.contains("already finished"), "{}", again.stderr);
+    let reg2 = registry(&out.join(".sandbox"), &things[..3]);
+    assert_eq!(reg2.tasks, 1, "a re-run started no task");
+}
+
+fn grep_tree(dir: &Path, needle: &str) -> bool {
+    let Ok(rd) = std::fs::read_dir(dir) else { return false };
+    rd.filter_map(|e| e.ok()).any(|e| {
+        let p = e.path();
+        if p.is_dir() {
+            grep_tree(&p, needle)
+        } else {
+            std::fs::read(&p).map(|b| String::from_utf8_lossy(&b).contains(needle)).unwrap_or(false)
+        }
+    })
+}
+
+#[test]
+fn device_csrs_get_no_key_and_their_own_key_is_registered() {
+    if !has_openssl() {
+        eprintln!("openssl not found: skipped");
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut csv = String::from("serial_number,model,csr\n");
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        let csr = openssl_csr(tmp.path(), &format!("d{i}"), &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"], &format!("LINE-A-{i}"));
+        let csr = if i == 1 { csr.replace('\n', "\r\n") } else { csr };
+        csv.push_str(&format!("DEV-{i},TH-200,{}\n", cell(&csr)));
+        keys.push(tmp.path().join(format!("d{i}.key")));
+    }
+    let input = write(tmp.path(), "device-csr.csv", &csv);
+    let out = tmp.path().join("out");
+    let ran = run(provline().args(["run", "--sandbox", "--out"]).arg(&out).arg(&input));
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let dir = batch_dir(&ran.stdout);
+    for (i, key) in keys.iter().enumerate() {
+        let b = dir.join("bundles").join(format!("DEV-{i}"));
+        assert!(!b.join("private.pem.key").exists(), "no private key for a device-made CSR");
+        let cert_pub = Command::new("openssl").args(["x509", "-noout", "-pubkey", "-in"]).arg(b.join("certificate.pem.crt")).output().unwrap();
+        let key_pub = Command::new("openssl").args(["pkey", "-pubout", "-in"]).arg(key).output().unwrap();
+        assert_eq!(cert_pub.stdout, key_pub.stdout, "DEV-{i}: the device's own key is registered");
+        let device: serde_json::Value = serde_json::from_slice(&std::fs::read(b.join("device.json")).unwrap()).unwrap();
+        assert_eq!(device["private_key_on_device"], true);
+    }
+    assert!(!out.join("keys").exists());
+}
+
+#[test]
+fn dry_run_prints_the_plan_and_sends_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let ran = run(provline().args(["run", "--sandbox", "--dry-run", "--out"]).arg(&out).arg(fixture("batch-200.csv")));
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let plan: serde_json::Value = serde_json::from_str(&ran.stdout).unwrap();
+    assert_eq!(plan["devices"], 200);
+    assert_eq!(plan["keys_to_generate"], 200);
+    assert_eq!(plan["sample"][0]["thing_name"], "TH100-000001");
+    assert!(!out.exists(), "a dry run writes nothing");
+}
+
+#[test]
+fn rsa_and_p384_keys_and_a_thing_name_pattern() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write(tmp.path(), "b.csv", &csv_rows("AB", 3));
+    for (kt, expect) in [("ec-p384", "1.3.132.0.34"), ("rsa-2048", "")] {
+        let out = tmp.path().join(format!("out-{kt}"));
+        let ran = run(provline()
+            .args(["run", "--sandbox", "--key-type", kt, "--thing-name", "line-a-{serial_number|lower}", "--out"])
+            .arg(&out)
+            .arg(&input));
+        assert_eq!(ran.code, 0, "{kt}: {}", ran.stderr);
+        let dir = batch_dir(&ran.stdout);
+        let b = dir.join("bundles").join("line-a-ab000001");
+        let cert = provline::crypto::parse_certificate_pem(&std::fs::read_to_string(b.join("certificate.pem.crt")).unwrap()).unwrap();
+        if expect.is_empty() {
+            assert_eq!(cert.key.algorithm, "1.2.840.113549.1.1.1");
+        } else {
+            assert_eq!(cert.key.curve.as_deref(), Some(expect));
+        }
+        let device: serde_json::Value = serde_json::from_slice(&std::fs::read(b.join("device.json")).unwrap()).unwrap();
+        assert_eq!(device["key_type"], kt);
+    }
+}
+
+#[test]
+fn a_changed_row_for_a_provisioned_serial_is_a_conflict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let first = write(tmp.path(), "a.csv", &csv_rows("CF", 2));
+    let ran = run(provline().args(["run", "--sandbox", "--out"]).arg(&out).arg(&first));
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let changed = write(tmp.path(), "b.csv", &csv_rows("CF", 3).replace("LOT-A", "LOT-B"));
+    let ran = run(provline().args(["run", "--sandbox", "--out"]).arg(&out).arg(&changed));
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(ran.stderr.contains("CF000001") && ran.stderr.contains("different data"), "{}", ran.stderr);
+    assert!(ran.stderr.contains("b.csv:2"), "{}", ran.stderr);
+}

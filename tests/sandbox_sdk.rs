@@ -1,0 +1,142 @@
+//! The sandbox driven by the real aws-sdk-iot and aws-sdk-s3 clients, and the
+//! pipeline's reconciliation against every report format the sandbox makes.
+
+use std::path::Path;
+
+use aws_sdk_s3::primitives::ByteStream;
+
+use crate::common::*;
+
+async fn sandbox(config: provline_sandbox::Config) -> (provline_sandbox::Sandbox, provline::aws::Aws) {
+    let sb = provline_sandbox::Sandbox::start(config).await.unwrap();
+    let aws = provline::aws::Aws::connect(&provline::sandbox_setup::connection(&sb.endpoint_url())).await;
+    (sb, aws)
+}
+
+fn csr_line(thing: &str) -> String {
+    let k = provline::keygen::generate_one(thing, provline::keygen::KeyType::EcP256).unwrap();
+    serde_json::json!({"ThingName": thing, "CSR": k.csr_pem}).to_string()
+}
+
+const TEMPLATE: &str = r#"{"Parameters": {"ThingName": {"Type": "String"}, "CSR": {"Type": "String"}},
+ "Resources": {"thing": {"Type": "AWS::IoT::Thing", "Properties": {"ThingName": {"Ref": "ThingName"}}, "OverrideSettings": {"AttributePayload": "MERGE"}},
+  "certificate": {"Type": "AWS::IoT::Certificate", "Properties": {"CertificateSigningRequest": {"Ref": "CSR"}, "Status": "ACTIVE"}}}}"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_task_through_the_sdk_one_at_a_time() {
+    let (sb, aws) = sandbox(provline_sandbox::Config { lines_per_second: 20.0, ..Default::default() }).await;
+    aws.s3.create_bucket().bucket("b1").send().await.unwrap();
+    let lines: Vec<String> = (0..30).map(|i| csr_line(&format!("SDK-{i}"))).collect();
+    let mut body = lines.join("\n");
+    body.push_str("\nnot json\n");
+    aws.s3.put_object().bucket("b1").key("in/a.ndjson").body(ByteStream::from(body.into_bytes())).send().await.unwrap();
+    let got = aws.s3.get_object().bucket("b1").key("in/a.ndjson").send().await.unwrap();
+    assert!(got.body.collect().await.unwrap().into_bytes().starts_with(b"{\"ThingName\""));
+    let role = "arn:aws:iam::123456789012:role/provline-test";
+    let id = aws.iot.start_thing_registration_task().template_body(TEMPLATE).input_file_bucket("b1").input_file_key("in/a.ndjson").role_arn(role).send().await.unwrap().task_id().unwrap().to_string();
+    // One task per account: a second start is refused with a typed error.
+    let second = aws.iot.start_thing_registration_task().template_body(TEMPLATE).input_file_bucket("b1").input_file_key("in/a.ndjson").role_arn(role).send().await;
+    let err = second.expect_err("a second task while one runs");
+    assert!(err.as_service_error().is_some_and(|e| e.is_invalid_request_exception()), "{err:?}");
+    let running = provline::register::running_tasks(&aws).await.unwrap();
+    assert_eq!(running, vec![id.clone()]);
+    let end = provline::register::follow(&aws, &id, 31, std::time::Instant::now() + std::time::Duration::from_secs(60)).await.unwrap();
+    assert_eq!((end.status.as_str(), end.success, end.failure), ("Completed", 30, 1));
+    let d = aws.iot.describe_thing_registration_task().task_id(&id).send().await.unwrap();
+    assert_eq!(d.percentage_progress(), 100);
+    assert_eq!(d.input_file_key(), Some("in/a.ndjson"));
+    let dir = tempfile::tempdir().unwrap();
+    provline::reports::fetch_all(&aws, &id, dir.path()).await.unwrap();
+    let (results, errors) = provline::reports::read_saved(dir.path()).unwrap();
+    assert_eq!(results.len(), 30);
+    assert_eq!(errors.len(), 1);
+    // Registry calls on what the task made.
+    let thing = aws.iot.describe_thing().thing_name("SDK-7").send().await.unwrap();
+    assert_eq!(thing.thing_name(), Some("SDK-7"));
+    let principals = aws.iot.list_thing_principals().thing_name("SDK-7").send().await.unwrap();
+    assert_eq!(principals.principals().len(), 1);
+    let cert_id = principals.principals()[0].rsplit('/').next().unwrap().to_string();
+    let c = aws.iot.describe_certificate().certificate_id(&cert_id).send().await.unwrap();
+    let desc = c.certificate_description().unwrap();
+    assert_eq!(desc.status().map(|s| s.as_str()), Some("ACTIVE"));
+    let info = provline::crypto::parse_certificate_pem(desc.certificate_pem().unwrap()).unwrap();
+    assert_eq!(info.id, cert_id, "certificate id = SHA-256 of the DER");
+    let missing = aws.iot.describe_thing().thing_name("nope").send().await.expect_err("no such thing");
+    assert!(missing.as_service_error().is_some_and(|e| e.is_resource_not_found_exception()), "{missing:?}");
+    sb.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = || provline_sandbox::Config { state_dir: Some(dir.path().to_path_buf()), ..Default::default() };
+    let (sb, aws) = sandbox(cfg()).await;
+    aws.iot.create_thing().thing_name("kept").send().await.unwrap();
+    let ca = sb.ca_certificate_pem();
+    sb.shutdown().await.unwrap();
+    let (sb, aws) = sandbox(cfg()).await;
+    assert_eq!(aws.iot.describe_thing().thing_name("kept").send().await.unwrap().thing_name(), Some("kept"));
+    assert_eq!(sb.ca_certificate_pem(), ca, "the CA is kept too");
+    sb.shutdown().await.unwrap();
+}
+
+/// A template whose thing type comes from a column, so chosen rows fail on their own.
+fn typed_template() -> String {
+    let mut t: serde_json::Value = serde_json::from_str(&provline::template::builtin("provline-sandbox-device")).unwrap();
+    t["Parameters"]["ThingType"] = serde_json::json!({"Type": "String"});
+    t["Resources"]["thing"]["Properties"]["ThingTypeName"] = serde_json::json!({"Ref": "ThingType"});
+    t.to_string()
+}
+
+fn run_with_format(dir: &Path, format: &str) -> (Ran, std::path::PathBuf) {
+    let t = write(dir, "typed.json", &typed_template());
+    let mut csv = String::from("serial_number,model,lot,thing_type\n");
+    for i in 1..=12 {
+        // Rows 4 and 9 name a thing type that does not exist.
+        let ty = if i == 4 || i == 9 { "no-such-type" } else { "sensor" };
+        csv.push_str(&format!("RF{i:04},TH-100,LOT-A,{ty}\n"));
+    }
+    let input = write(dir, "rf.csv", &csv);
+    let out = dir.join(format!("out-{}", format.replace([':', ','], "_")));
+    // The account has the thing type `sensor` before the run.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (sb, aws) = sandbox(provline_sandbox::Config { state_dir: Some(out.join(".sandbox")), ..Default::default() }).await;
+        aws.iot.create_thing_type().thing_type_name("sensor").send().await.unwrap();
+        sb.shutdown().await.unwrap();
+    });
+    let ran = run(provline()
+        .args(["run", "--sandbox", "--sandbox-report-format", format, "--out"])
+        .arg(&out)
+        .arg("--template")
+        .arg(&t)
+        .arg(&input));
+    (ran, out)
+}
+
+#[test]
+fn every_report_format_reconciles_device_by_device() {
+    let tmp = tempfile::tempdir().unwrap();
+    for format in ["lineNumber:1", "lineNumber:0", "offset:0", "offset:1", "absent", "legacy"] {
+        let (ran, _out) = run_with_format(tmp.path(), format);
+        assert_eq!(ran.code, 1, "{format}: a partial batch exits 1: {}", ran.stderr);
+        let dir = std::path::PathBuf::from(ran.stdout.trim());
+        let mut r = csv::Reader::from_path(dir.join("results.csv")).unwrap();
+        let rows: Vec<std::collections::BTreeMap<String, String>> = r.deserialize().map(|x| x.unwrap()).collect();
+        assert_eq!(rows.len(), 12);
+        for row in &rows {
+            let bad = row["serial_number"] == "RF0004" || row["serial_number"] == "RF0009";
+            if bad {
+                assert_eq!(row["status"], "failed", "{format}: {row:?}");
+                assert!(row["error"].contains("no-such-type") || row["error"].starts_with("unknown"), "{format}: {row:?}");
+                if format != "absent" {
+                    assert!(row["error"].starts_with("not-found"), "{format}: the error is placed on its device: {row:?}");
+                }
+            } else {
+                assert_eq!(row["status"], "registered", "{format}: {row:?}");
+            }
+        }
+        let bundles = std::fs::read_dir(dir.join("bundles")).unwrap().filter(|e| e.as_ref().unwrap().path().is_dir()).count();
+        assert_eq!(bundles, 10, "{format}");
+    }
+}
