@@ -16,7 +16,12 @@ use provline::profile::{NamePattern, Profile};
 fn csv(n: usize) -> String {
     let mut s = String::from("serial_number,model,mac_address,hardware_revision,lot\n");
     for i in 0..n {
-        s.push_str(&format!("BN{i:08},TH-100,A4:CF:12:{:02X}:{:02X}:{:02X},r2,LOT-A\n", i >> 16 & 255, i >> 8 & 255, i & 255));
+        s.push_str(&format!(
+            "BN{i:08},TH-100,A4:CF:12:{:02X}:{:02X}:{:02X},r2,LOT-A\n",
+            i >> 16 & 255,
+            i >> 8 & 255,
+            i & 255
+        ));
     }
     s
 }
@@ -27,7 +32,13 @@ fn devices(n: usize, dir: &std::path::Path) -> (Vec<Device>, PathBuf) {
     let profile = Profile::default();
     let pattern = NamePattern::parse("{serial_number}").unwrap();
     let attrs: BTreeSet<String> = ["model", "mac_address", "lot"].into_iter().map(String::from).collect();
-    let opts = IngestOptions { profile: &profile, pattern: &pattern, attribute_columns: &attrs, skip_invalid: false, delimiter: None };
+    let opts = IngestOptions {
+        profile: &profile,
+        pattern: &pattern,
+        attribute_columns: &attrs,
+        skip_invalid: false,
+        delimiter: None,
+    };
     (ingest(std::slice::from_ref(&p), &opts).unwrap().devices, p)
 }
 
@@ -49,7 +60,13 @@ fn bench_ingest(c: &mut Criterion) {
     });
     g.bench_function("stage: ingest with every check", |b| {
         b.iter(|| {
-            let opts = IngestOptions { profile: &profile, pattern: &pattern, attribute_columns: &attrs, skip_invalid: false, delimiter: None };
+            let opts = IngestOptions {
+                profile: &profile,
+                pattern: &pattern,
+                attribute_columns: &attrs,
+                skip_invalid: false,
+                delimiter: None,
+            };
             ingest(std::slice::from_ref(&path), &opts).unwrap().devices.len()
         })
     });
@@ -69,7 +86,9 @@ fn bench_keygen(c: &mut Criterion) {
                 .map(|i| {
                     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
                     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-                    params.distinguished_name.push(rcgen::DnType::CommonName, format!("BN{i:08}"));
+                    params
+                        .distinguished_name
+                        .push(rcgen::DnType::CommonName, format!("BN{i:08}"));
                     let csr = params.serialize_request(&key).unwrap();
                     csr.pem().unwrap().len() + key.serialize_pem().len()
                 })
@@ -77,7 +96,11 @@ fn bench_keygen(c: &mut Criterion) {
         })
     });
     g.bench_function("stage: generate_all", |b| {
-        b.iter_batched(|| (), |_| generate_all(&devs, KeyType::EcP256).len(), BatchSize::PerIteration)
+        b.iter_batched(
+            || (),
+            |_| generate_all(&devs, KeyType::EcP256).len(),
+            BatchSize::PerIteration,
+        )
     });
     g.finish();
 }
@@ -86,17 +109,27 @@ fn bench_reconcile(c: &mut Criterion) {
     use provline::reconcile::{reconcile, StagedDevice};
     let n = 2_000;
     let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca = rcgen::CertificateParams::new(vec![]).unwrap().self_signed(&ca_key).unwrap();
+    let ca = rcgen::CertificateParams::new(vec![])
+        .unwrap()
+        .self_signed(&ca_key)
+        .unwrap();
     let issuer = rcgen::Issuer::from_ca_cert_der(ca.der(), &ca_key).unwrap();
     let mut staged = Vec::new();
     let mut lines = Vec::new();
     for i in 0..n {
         let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec![]).unwrap().signed_by(&key, &issuer).unwrap();
+        let cert = rcgen::CertificateParams::new(vec![])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
         let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
         let name = format!("R{i:06}");
         let id = provline::crypto::certificate_id(cert.der());
-        staged.push(StagedDevice { index: i, thing_name: name.clone(), key: provline::crypto::KeyId::from_spki_der(&spki).unwrap() });
+        staged.push(StagedDevice {
+            index: i,
+            thing_name: name.clone(),
+            key: provline::crypto::KeyId::from_spki_der(&spki).unwrap(),
+        });
         lines.push(serde_json::json!({"response": {"CertificatePem": cert.pem(), "ResourceArns": {"thing": format!("arn:aws:iot:r:1:thing/{name}"), "certificate": format!("arn:aws:iot:r:1:cert/{id}")}}, "lineNumber": i + 1}).to_string());
     }
     let mut g = c.benchmark_group("reconcile");
@@ -107,12 +140,21 @@ fn bench_reconcile(c: &mut Criterion) {
                 .iter()
                 .map(|l| {
                     let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                    provline::crypto::parse_certificate_pem(v["response"]["CertificatePem"].as_str().unwrap()).unwrap().id.len()
+                    provline::crypto::parse_certificate_pem(v["response"]["CertificatePem"].as_str().unwrap())
+                        .unwrap()
+                        .id
+                        .len()
                 })
                 .sum::<usize>()
         })
     });
-    g.bench_function("stage: reconcile", |b| b.iter(|| reconcile(&staged, Some("thing"), Some("certificate"), &lines, &[]).verdicts.len()));
+    g.bench_function("stage: reconcile", |b| {
+        b.iter(|| {
+            reconcile(&staged, Some("thing"), Some("certificate"), &lines, &[])
+                .verdicts
+                .len()
+        })
+    });
     g.finish();
 }
 

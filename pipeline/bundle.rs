@@ -106,7 +106,9 @@ pub fn write_bundle(ws: &Workspace, b: &BundleInput<'_>) -> Result<Vec<(PathBuf,
     }
     let (ca1, ca3) = amazon_roots()?;
     let dir = ws.bundle_dir(b.thing_name);
-    let tmp = ws.bundles().join(format!(".tmp-{}", crate::workspace::safe_component(b.thing_name)));
+    let tmp = ws
+        .bundles()
+        .join(format!(".tmp-{}", crate::workspace::safe_component(b.thing_name)));
     if tmp.exists() {
         fs::remove_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     }
@@ -141,7 +143,8 @@ pub fn write_bundle(ws: &Workspace, b: &BundleInput<'_>) -> Result<Vec<(PathBuf,
     }
     let mut written = Vec::new();
     for (name, bytes, mode) in &files {
-        let f = write_unsynced(&tmp.join(name), bytes, *mode).map_err(|e| format!("{}: {e}", tmp.join(name).display()))?;
+        let f =
+            write_unsynced(&tmp.join(name), bytes, *mode).map_err(|e| format!("{}: {e}", tmp.join(name).display()))?;
         f.sync_all().map_err(|e| format!("{name}: {e}"))?;
         written.push((dir.join(name), sha256_hex(bytes)));
     }

@@ -119,9 +119,15 @@ pub struct RunArgs {
     /// CSV delimiter (default: detected per file among `,` `;` and tab).
     #[arg(long, value_parser = parse_delimiter)]
     pub delimiter: Option<u8>,
-    /// Seconds to follow the task before leaving it to `resume`.
+    /// Seconds to follow a task before leaving it to `resume`.
     #[arg(long)]
     pub task_timeout: Option<u64>,
+    /// Devices per bulk task; a larger batch registers chunk after chunk.
+    #[arg(long, default_value_t = 10_000)]
+    pub chunk_size: usize,
+    /// Follow-up tasks for devices whose lines failed for a retryable reason.
+    #[arg(long, default_value_t = 2)]
+    pub max_retries: u32,
     #[command(flatten)]
     pub aws: AwsArgs,
 }
@@ -310,7 +316,11 @@ fn print_summary(s: &run::Summary) {
             let _ = writeln!(err, "time: {}", stages.join(", "));
         }
         if s.failed > 0 {
-            let _ = writeln!(err, "see {} for why each failed device failed", s.dir.join("results.csv").display());
+            let _ = writeln!(
+                err,
+                "see {} for why each failed device failed",
+                s.dir.join("results.csv").display()
+            );
         }
     }
     println!("{}", s.dir.display());
@@ -325,13 +335,21 @@ async fn run_command(args: RunArgs) -> Result<i32> {
         template: args.template.clone(),
         thing_name: args.thing_name.clone(),
         policy: args.policy.clone(),
-        bucket: args.bucket.clone().or_else(|| sandbox.then(|| sandbox_setup::SANDBOX_BUCKET.to_string())),
+        bucket: args
+            .bucket
+            .clone()
+            .or_else(|| sandbox.then(|| sandbox_setup::SANDBOX_BUCKET.to_string())),
         prefix: args.prefix.clone(),
-        role_arn: args.role_arn.clone().or_else(|| sandbox.then(sandbox_setup::sandbox_role_arn)),
+        role_arn: args
+            .role_arn
+            .clone()
+            .or_else(|| sandbox.then(sandbox_setup::sandbox_role_arn)),
         dry_run: args.dry_run,
         skip_invalid: args.skip_invalid,
         delimiter: args.delimiter,
         task_timeout: args.task_timeout.map(Duration::from_secs),
+        chunk_size: args.chunk_size,
+        max_retries: args.max_retries,
     };
     let started = std::time::Instant::now();
     let prepared = run::prepare(&opts, sandbox)?;
@@ -345,10 +363,14 @@ async fn run_command(args: RunArgs) -> Result<i32> {
         return Ok(exit::OK);
     }
     if prepared.settings.bucket.is_empty() {
-        return Err(Error::config("--bucket is required (the S3 bucket for the registration file, in the task's region)"));
+        return Err(Error::config(
+            "--bucket is required (the S3 bucket for the registration file, in the task's region)",
+        ));
     }
     if prepared.settings.role_arn.is_empty() {
-        return Err(Error::config("--role-arn is required (an IAM role that trusts iot.amazonaws.com and can read the bucket)"));
+        return Err(Error::config(
+            "--role-arn is required (an IAM role that trusts iot.amazonaws.com and can read the bucket)",
+        ));
     }
     let _lock = run::lock_out_dir(&opts.out)?;
     let mut ledger = Ledger::open(&opts.out.join(run::LEDGER_FILE))?;
@@ -384,7 +406,8 @@ async fn go(
 ) -> Result<run::Summary> {
     let aws = Aws::connect(&endpoint.conn).await;
     if sandbox {
-        let template = crate::template::Template::check(&settings.template_source, &settings.template_body).map_err(Error::Input)?;
+        let template = crate::template::Template::check(&settings.template_source, &settings.template_body)
+            .map_err(Error::Input)?;
         sandbox_setup::prepare_account(&aws, &settings.bucket, template.policy_name.as_deref()).await?;
     }
     run::continue_batch(ledger, ws, settings, &aws, ingest_seconds).await
@@ -394,7 +417,10 @@ async fn resume_command(args: ResumeArgs) -> Result<i32> {
     let _lock = run::lock_out_dir(&args.out)?;
     let ledger_path = args.out.join(run::LEDGER_FILE);
     if !ledger_path.exists() {
-        return Err(Error::config(format!("no ledger at {}: nothing to resume", ledger_path.display())));
+        return Err(Error::config(format!(
+            "no ledger at {}: nothing to resume",
+            ledger_path.display()
+        )));
     }
     let mut ledger = Ledger::open(&ledger_path)?;
     let batches: Vec<_> = ledger
@@ -407,7 +433,10 @@ async fn resume_command(args: ResumeArgs) -> Result<i32> {
             return Err(Error::config(format!("no batch `{want}` in {}", ledger_path.display())));
         }
     }
-    let open: Vec<_> = batches.into_iter().filter(|b| b.state != crate::ledger::batch_state::DONE).collect();
+    let open: Vec<_> = batches
+        .into_iter()
+        .filter(|b| b.state != crate::ledger::batch_state::DONE)
+        .collect();
     if open.is_empty() {
         eprintln!("nothing to resume: every batch in {} is finished", args.out.display());
         return Ok(exit::OK);
@@ -416,7 +445,8 @@ async fn resume_command(args: ResumeArgs) -> Result<i32> {
     let mut worst = exit::OK;
     let mut failure = None;
     for b in open {
-        let settings: Settings = serde_json::from_str(&b.settings).map_err(|e| Error::infra(format!("ledger settings of {}: {e}", b.id)))?;
+        let settings: Settings =
+            serde_json::from_str(&b.settings).map_err(|e| Error::infra(format!("ledger settings of {}: {e}", b.id)))?;
         let ws = Workspace::new(&args.out, &b.id);
         tracing::info!(batch = %b.id, "resuming");
         match go(&endpoint, &mut ledger, &ws, &settings, args.aws.sandbox, None).await {
@@ -462,11 +492,38 @@ fn status_command(args: StatusArgs) -> Result<i32> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&out).expect("json"));
     } else {
-        println!("{:<20} {:<6} {:>8}  {:<40} tasks", "batch", "state", "devices", "device states");
+        println!(
+            "{:<20} {:<6} {:>8}  {:<40} tasks",
+            "batch", "state", "devices", "device states"
+        );
         for b in &out {
-            let states = b["states"].as_object().map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")).unwrap_or_default();
-            let tasks = b["tasks"].as_array().map(|a| a.iter().map(|t| format!("{}({})", t["task_id"].as_str().unwrap_or("-"), t["status"].as_str().unwrap_or("-"))).collect::<Vec<_>>().join(" ")).unwrap_or_default();
-            println!("{:<20} {:<6} {:>8}  {:<40} {}", b["batch"].as_str().unwrap_or(""), b["state"].as_str().unwrap_or(""), b["devices"], states, tasks);
+            let states = b["states"]
+                .as_object()
+                .map(|m| m.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "))
+                .unwrap_or_default();
+            let tasks = b["tasks"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|t| {
+                            format!(
+                                "{}({})",
+                                t["task_id"].as_str().unwrap_or("-"),
+                                t["status"].as_str().unwrap_or("-")
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                })
+                .unwrap_or_default();
+            println!(
+                "{:<20} {:<6} {:>8}  {:<40} {}",
+                b["batch"].as_str().unwrap_or(""),
+                b["state"].as_str().unwrap_or(""),
+                b["devices"],
+                states,
+                tasks
+            );
         }
     }
     Ok(exit::OK)
@@ -479,7 +536,12 @@ fn lint_command(args: LintArgs) -> i32 {
             crate::lint::Verdict::Ok(what) => eprintln!("ok    {}: {what}", f.display()),
             crate::lint::Verdict::Bad(problems) => {
                 bad += 1;
-                eprintln!("error {}: {} problem{}", f.display(), problems.len(), if problems.len() == 1 { "" } else { "s" });
+                eprintln!(
+                    "error {}: {} problem{}",
+                    f.display(),
+                    problems.len(),
+                    if problems.len() == 1 { "" } else { "s" }
+                );
                 eprint!("{problems}");
             }
         }
@@ -493,12 +555,20 @@ fn lint_command(args: LintArgs) -> i32 {
 
 async fn sandbox_command(command: SandboxCommand) -> Result<i32> {
     match command {
-        SandboxCommand::Serve { addr, state, lines_per_second, report_format, seed } => {
+        SandboxCommand::Serve {
+            addr,
+            state,
+            lines_per_second,
+            report_format,
+            seed,
+        } => {
             let config = provline_sandbox::Config {
                 addr,
                 state_dir: state,
                 lines_per_second,
-                report_format: report_format.parse().map_err(|e| Error::config(format!("--report-format: {e}")))?,
+                report_format: report_format
+                    .parse()
+                    .map_err(|e| Error::config(format!("--report-format: {e}")))?,
                 seed,
                 ..Default::default()
             };
@@ -515,7 +585,9 @@ async fn sandbox_command(command: SandboxCommand) -> Result<i32> {
             );
             let _ = std::io::stdout().flush();
             wait_for_signal().await;
-            sb.shutdown().await.map_err(|e| Error::infra(format!("sandbox shutdown: {e:#}")))?;
+            sb.shutdown()
+                .await
+                .map_err(|e| Error::infra(format!("sandbox shutdown: {e:#}")))?;
             Ok(exit::OK)
         }
     }

@@ -18,8 +18,7 @@ pub struct KeyId {
 impl KeyId {
     /// Reads a DER SubjectPublicKeyInfo.
     pub fn from_spki_der(der: &[u8]) -> Result<KeyId, String> {
-        let (_, spki) = SubjectPublicKeyInfo::from_der(der)
-            .map_err(|e| format!("not a SubjectPublicKeyInfo: {e}"))?;
+        let (_, spki) = SubjectPublicKeyInfo::from_der(der).map_err(|e| format!("not a SubjectPublicKeyInfo: {e}"))?;
         Ok(KeyId::from_spki(&spki))
     }
 
@@ -75,8 +74,7 @@ pub fn parse_certificate_pem(pem_text: &str) -> Result<CertInfo, String> {
         .find(|b| b.tag() == "CERTIFICATE")
         .ok_or_else(|| "no CERTIFICATE block in the PEM".to_string())?;
     let der = block.into_contents();
-    let (_, cert) = X509Certificate::from_der(&der)
-        .map_err(|e| format!("certificate DER does not parse: {e}"))?;
+    let (_, cert) = X509Certificate::from_der(&der).map_err(|e| format!("certificate DER does not parse: {e}"))?;
     let key = KeyId::from_spki(cert.public_key());
     let subject = cert.subject().to_string();
     let issuer = cert.issuer().to_string();
@@ -138,7 +136,6 @@ mod tests {
 /// when it was made or ingested).
 pub fn csr_key_id(pem_text: &str) -> Result<KeyId, String> {
     let block = ::pem::parse(pem_text.as_bytes()).map_err(|e| format!("CSR PEM: {e}"))?;
-    let (_, csr) = X509CertificationRequest::from_der(block.contents())
-        .map_err(|e| format!("CSR DER: {e}"))?;
+    let (_, csr) = X509CertificationRequest::from_der(block.contents()).map_err(|e| format!("CSR DER: {e}"))?;
     Ok(KeyId::from_spki(&csr.certification_request_info.subject_pki))
 }

@@ -51,19 +51,15 @@ pub fn check_csr(text: &str) -> Result<DeviceCsr, String> {
         return Err("not PEM: expected -----BEGIN CERTIFICATE REQUEST-----".into());
     }
     // The legacy label is the same DER under another name; pem parses either.
-    let block = ::pem::parse(text.replace("\r\n", "\n").as_bytes())
-        .map_err(|e| format!("the CSR PEM does not parse: {e}"))?;
+    let block =
+        ::pem::parse(text.replace("\r\n", "\n").as_bytes()).map_err(|e| format!("the CSR PEM does not parse: {e}"))?;
     match block.tag() {
         "CERTIFICATE REQUEST" | "NEW CERTIFICATE REQUEST" => {}
-        other => {
-            return Err(format!(
-                "the PEM block is `{other}`, expected `CERTIFICATE REQUEST`"
-            ))
-        }
+        other => return Err(format!("the PEM block is `{other}`, expected `CERTIFICATE REQUEST`")),
     }
     let der = block.into_contents();
-    let (rest, csr) = X509CertificationRequest::from_der(&der)
-        .map_err(|e| format!("the CSR is not valid DER PKCS#10: {e}"))?;
+    let (rest, csr) =
+        X509CertificationRequest::from_der(&der).map_err(|e| format!("the CSR is not valid DER PKCS#10: {e}"))?;
     if !rest.is_empty() {
         return Err(format!("{} bytes of trailing data after the CSR", rest.len()));
     }

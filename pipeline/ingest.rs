@@ -349,15 +349,23 @@ fn read_file(
 }
 
 /// Rows that share a serial number, a thing name or a device CSR.
-fn find_duplicates(
-    devices: &[Device],
-    problems: &mut Problems,
-    bad_rows: &mut BTreeSet<usize>,
-) -> Result<()> {
+fn find_duplicates(devices: &[Device], problems: &mut Problems, bad_rows: &mut BTreeSet<usize>) -> Result<()> {
     let checks: [(&str, &str, Box<dyn Fn(&Device) -> Option<String>>); 3] = [
-        ("serial_number", "serial number", Box::new(|d: &Device| Some(d.serial.clone()).filter(|s| !s.is_empty()))),
-        ("thing name", "thing name", Box::new(|d: &Device| Some(d.thing_name.clone()).filter(|s| !s.is_empty()))),
-        ("csr", "device CSR", Box::new(|d: &Device| d.csr.as_ref().map(|c| sha256_hex(&c.der)))),
+        (
+            "serial_number",
+            "serial number",
+            Box::new(|d: &Device| Some(d.serial.clone()).filter(|s| !s.is_empty())),
+        ),
+        (
+            "thing name",
+            "thing name",
+            Box::new(|d: &Device| Some(d.thing_name.clone()).filter(|s| !s.is_empty())),
+        ),
+        (
+            "csr",
+            "device CSR",
+            Box::new(|d: &Device| d.csr.as_ref().map(|c| sha256_hex(&c.der))),
+        ),
     ];
     let mut seen_pairs = BTreeSet::new();
     for (column, what, key_of) in checks.iter() {
@@ -416,10 +424,7 @@ fn duplicate_groups(keys: Vec<String>, rows: Vec<u32>) -> PolarsResult<Vec<Vec<u
     if keys.is_empty() {
         return Ok(Vec::new());
     }
-    let df = DataFrame::new_infer_height(vec![
-        Column::new("key".into(), keys),
-        Column::new("row".into(), rows),
-    ])?;
+    let df = DataFrame::new_infer_height(vec![Column::new("key".into(), keys), Column::new("row".into(), rows)])?;
     let dup_keys = df
         .clone()
         .lazy()

@@ -17,9 +17,15 @@ use crate::ingest::Device;
 #[serde(rename_all = "kebab-case")]
 pub enum KeyType {
     #[default]
+    #[value(name = "ec-p256")]
     EcP256,
+    #[value(name = "ec-p384")]
     EcP384,
+    #[value(name = "rsa-2048")]
+    #[serde(rename = "rsa-2048")]
     Rsa2048,
+    #[value(name = "rsa-3072")]
+    #[serde(rename = "rsa-3072")]
     Rsa3072,
 }
 
@@ -57,7 +63,9 @@ impl FromStr for KeyType {
             "ec-p384" => Ok(KeyType::EcP384),
             "rsa-2048" => Ok(KeyType::Rsa2048),
             "rsa-3072" => Ok(KeyType::Rsa3072),
-            other => Err(format!("unknown key type `{other}` (ec-p256, ec-p384, rsa-2048, rsa-3072)")),
+            other => Err(format!(
+                "unknown key type `{other}` (ec-p256, ec-p384, rsa-2048, rsa-3072)"
+            )),
         }
     }
 }

@@ -37,6 +37,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     failure_count  INTEGER,
     message        TEXT,
     reports_done   INTEGER NOT NULL DEFAULT 0,
+    reconciled     INTEGER NOT NULL DEFAULT 0,
     started_at     INTEGER,
     ended_at       INTEGER,
     PRIMARY KEY (batch_id, attempt)
@@ -54,7 +55,9 @@ CREATE TABLE IF NOT EXISTS devices (
     key_type        TEXT,
     state           TEXT NOT NULL,
     attempt         INTEGER,
+    tries           INTEGER NOT NULL DEFAULT 0,
     certificate_id  TEXT,
+    certificate_pem TEXT,
     error_class     TEXT,
     error           TEXT,
     PRIMARY KEY (batch_id, thing_name)
@@ -107,6 +110,7 @@ pub struct AttemptRow {
     pub failure_count: Option<i64>,
     pub message: Option<String>,
     pub reports_done: bool,
+    pub reconciled: bool,
 }
 
 #[derive(Clone, Debug, serde::Serialize)]
@@ -123,7 +127,10 @@ pub struct DeviceRow {
     pub key_type: Option<String>,
     pub state: String,
     pub attempt: Option<i64>,
+    pub tries: i64,
     pub certificate_id: Option<String>,
+    #[serde(skip)]
+    pub certificate_pem: Option<String>,
     pub error_class: Option<String>,
     pub error: Option<String>,
 }
@@ -144,6 +151,7 @@ pub struct Outcome {
     pub thing_name: String,
     pub registered: bool,
     pub certificate_id: Option<String>,
+    pub certificate_pem: Option<String>,
     pub error_class: Option<String>,
     pub error: Option<String>,
 }
@@ -278,7 +286,9 @@ impl Ledger {
             ))
             .map_err(db_err)?;
         let rows = st
-            .query_map(params![serial, thing_name, batch], |r| Ok((r.get(0)?, device_row(r, 1)?)))
+            .query_map(params![serial, thing_name, batch], |r| {
+                Ok((r.get(0)?, device_row(r, 1)?))
+            })
             .map_err(db_err)?
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(db_err)?;
@@ -288,7 +298,9 @@ impl Ledger {
     pub fn devices(&self, batch: &str) -> Result<Vec<DeviceRow>> {
         let mut st = self
             .conn
-            .prepare(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE batch_id = ?1 ORDER BY seq"))
+            .prepare(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE batch_id = ?1 ORDER BY seq"
+            ))
             .map_err(db_err)?;
         let rows = st
             .query_map([batch], |r| device_row(r, 0))
@@ -306,7 +318,8 @@ impl Ledger {
                 .prepare("UPDATE devices SET state = ?3, key_fingerprint = ?4, key_type = ?5 WHERE batch_id = ?1 AND thing_name = ?2")
                 .map_err(db_err)?;
             for (thing, fp, kt) in keyed {
-                st.execute(params![batch, thing, state::KEYED, fp, kt]).map_err(db_err)?;
+                st.execute(params![batch, thing, state::KEYED, fp, kt])
+                    .map_err(db_err)?;
             }
         }
         tx.commit().map_err(db_err)
@@ -330,14 +343,22 @@ impl Ledger {
         {
             let mut st = tx
                 .prepare(
-                    "UPDATE devices SET state = ?3, certificate_id = ?4, error_class = ?5, error = ?6
+                    "UPDATE devices SET state = ?3, certificate_id = ?4, certificate_pem = ?5, error_class = ?6, error = ?7
                      WHERE batch_id = ?1 AND thing_name = ?2",
                 )
                 .map_err(db_err)?;
             for o in outcomes {
                 let s = if o.registered { state::REGISTERED } else { state::FAILED };
-                st.execute(params![batch, o.thing_name, s, o.certificate_id, o.error_class, o.error])
-                    .map_err(db_err)?;
+                st.execute(params![
+                    batch,
+                    o.thing_name,
+                    s,
+                    o.certificate_id,
+                    o.certificate_pem,
+                    o.error_class,
+                    o.error
+                ])
+                .map_err(db_err)?;
             }
         }
         tx.commit().map_err(db_err)
@@ -348,7 +369,7 @@ impl Ledger {
             .conn
             .prepare(
                 "SELECT attempt, s3_bucket, s3_key, lines, uploaded, task_id, task_status, success_count,
-                        failure_count, message, reports_done
+                        failure_count, message, reports_done, reconciled
                  FROM attempts WHERE batch_id = ?1 ORDER BY attempt",
             )
             .map_err(db_err)?;
@@ -366,6 +387,7 @@ impl Ledger {
                     failure_count: r.get(8)?,
                     message: r.get(9)?,
                     reports_done: r.get::<_, i64>(10)? != 0,
+                    reconciled: r.get::<_, i64>(11)? != 0,
                 })
             })
             .map_err(db_err)?
@@ -374,11 +396,34 @@ impl Ledger {
         Ok(rows)
     }
 
-    pub fn add_attempt(&self, batch: &str, attempt: i64, bucket: &str, key: &str, lines: usize) -> Result<()> {
+    /// Opens an attempt (one bulk task) for `things`, all in one transaction:
+    /// the attempt row, and each device assigned to it with one more try.
+    pub fn add_attempt(&mut self, batch: &str, attempt: i64, bucket: &str, key: &str, things: &[String]) -> Result<()> {
+        let tx = self.conn.transaction().map_err(db_err)?;
+        tx.execute(
+            "INSERT INTO attempts (batch_id, attempt, s3_bucket, s3_key, lines) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![batch, attempt, bucket, key, things.len() as i64],
+        )
+        .map_err(db_err)?;
+        {
+            let mut st = tx
+                .prepare(
+                    "UPDATE devices SET attempt = ?3, tries = tries + 1, state = ?4, error_class = NULL, error = NULL
+                     WHERE batch_id = ?1 AND thing_name = ?2",
+                )
+                .map_err(db_err)?;
+            for t in things {
+                st.execute(params![batch, t, attempt, state::STAGED]).map_err(db_err)?;
+            }
+        }
+        tx.commit().map_err(db_err)
+    }
+
+    pub fn set_reconciled(&self, batch: &str, attempt: i64) -> Result<()> {
         self.conn
             .execute(
-                "INSERT INTO attempts (batch_id, attempt, s3_bucket, s3_key, lines) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![batch, attempt, bucket, key, lines as i64],
+                "UPDATE attempts SET reconciled = 1 WHERE batch_id = ?1 AND attempt = ?2",
+                params![batch, attempt],
             )
             .map_err(db_err)?;
         Ok(())
@@ -434,7 +479,7 @@ impl Ledger {
     }
 }
 
-const DEVICE_COLUMNS: &str = "seq, serial, thing_name, file, line, fingerprint, record, key_fingerprint, key_type, state, attempt, certificate_id, error_class, error";
+const DEVICE_COLUMNS: &str = "seq, serial, thing_name, file, line, fingerprint, record, key_fingerprint, key_type, state, attempt, tries, certificate_id, certificate_pem, error_class, error";
 
 fn device_row(r: &rusqlite::Row<'_>, o: usize) -> rusqlite::Result<DeviceRow> {
     Ok(DeviceRow {
@@ -449,8 +494,10 @@ fn device_row(r: &rusqlite::Row<'_>, o: usize) -> rusqlite::Result<DeviceRow> {
         key_type: r.get(o + 8)?,
         state: r.get(o + 9)?,
         attempt: r.get(o + 10)?,
-        certificate_id: r.get(o + 11)?,
-        error_class: r.get(o + 12)?,
-        error: r.get(o + 13)?,
+        tries: r.get(o + 11)?,
+        certificate_id: r.get(o + 12)?,
+        certificate_pem: r.get(o + 13)?,
+        error_class: r.get(o + 14)?,
+        error: r.get(o + 15)?,
     })
 }

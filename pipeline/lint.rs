@@ -51,7 +51,12 @@ pub fn lint_file(path: &Path, thing_name: &str) -> Verdict {
             Err(e) => Verdict::Bad(Problems(vec![Problem::new(e.to_string()).file(name)])),
         };
     }
-    if ["csr", "req", "pem"].contains(&ext.as_str()) || text.trim_start_matches('\u{feff}').trim_start().starts_with("-----BEGIN") {
+    if ["csr", "req", "pem"].contains(&ext.as_str())
+        || text
+            .trim_start_matches('\u{feff}')
+            .trim_start()
+            .starts_with("-----BEGIN")
+    {
         return match check_csr(&text) {
             Ok(c) => Verdict::Ok(format!("CSR, {} key, subject {}", c.key_type, c.subject)),
             Err(e) => Verdict::Bad(Problems(vec![Problem::new(e).file(name)])),

@@ -64,9 +64,9 @@ impl Profile {
     /// The profile column a header names, if any.
     pub fn column_for_header(&self, header: &str) -> Option<&ColumnRule> {
         let h = header.trim();
-        self.columns.iter().find(|c| {
-            c.name.eq_ignore_ascii_case(h) || c.aliases.iter().any(|a| a.eq_ignore_ascii_case(h))
-        })
+        self.columns
+            .iter()
+            .find(|c| c.name.eq_ignore_ascii_case(h) || c.aliases.iter().any(|a| a.eq_ignore_ascii_case(h)))
     }
 
     pub fn rule(&self, name: &str) -> Option<&ColumnRule> {

@@ -26,12 +26,22 @@ pub struct StagedDevice {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Verdict {
     /// Registered, with a certificate that carries the device's key.
-    Registered { certificate_id: String, certificate_pem: String },
+    Registered {
+        certificate_id: String,
+        certificate_pem: String,
+    },
     /// RESULTS names the device but holds no certificate PEM: fetch it by id.
-    NeedsCertificate { certificate_id: String },
-    Failed { class: String, message: String },
+    NeedsCertificate {
+        certificate_id: String,
+    },
+    Failed {
+        class: String,
+        message: String,
+    },
     /// No report line could be tied to the device.
-    Unknown { hint: Option<String> },
+    Unknown {
+        hint: Option<String>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -49,7 +59,11 @@ pub fn classify(message: &str) -> &'static str {
     let m = message.to_ascii_lowercase();
     if m.contains("throttl") || m.contains("rate exceeded") || m.contains("requestlimitexceeded") {
         "throttled"
-    } else if m.contains("internalfailure") || m.contains("internal error") || m.contains("serviceunavailable") || m.contains("internalserver") {
+    } else if m.contains("internalfailure")
+        || m.contains("internal error")
+        || m.contains("serviceunavailable")
+        || m.contains("internalserver")
+    {
         "internal"
     } else if m.contains("unauthorized") || m.contains("accessdenied") || m.contains("not authorized") {
         "unauthorized"
@@ -65,8 +79,10 @@ pub fn classify(message: &str) -> &'static str {
 }
 
 /// Whether a class is worth a retry in a follow-up task.
+/// `unregistered` means the registry was read and holds nothing for the
+/// device, so a new line cannot give it a second certificate.
 pub fn is_retryable(class: &str) -> bool {
-    matches!(class, "throttled" | "internal")
+    matches!(class, "throttled" | "internal" | "unregistered")
 }
 
 fn get<'a>(v: &'a Value, pascal: &str) -> Option<&'a Value> {
@@ -161,8 +177,14 @@ pub fn reconcile(
         let pem = get(resp, "CertificatePem").and_then(Value::as_str);
         out.verdicts[index] = match (pem, cert_id) {
             (Some(pem), id) => match verify_certificate(pem, id.as_deref(), &staged[index].key) {
-                Ok((certificate_id, certificate_pem)) => Verdict::Registered { certificate_id, certificate_pem },
-                Err(e) => Verdict::Failed { class: "verification".into(), message: e },
+                Ok((certificate_id, certificate_pem)) => Verdict::Registered {
+                    certificate_id,
+                    certificate_pem,
+                },
+                Err(e) => Verdict::Failed {
+                    class: "verification".into(),
+                    message: e,
+                },
             },
             (None, Some(id)) => Verdict::NeedsCertificate { certificate_id: id },
             (None, None) => Verdict::Unknown {
@@ -173,7 +195,7 @@ pub fn reconcile(
 
     // ERRORS: named lines first, then numbered ones.
     let mut numbered: Vec<(i64, String)> = Vec::new();
-    let mut unnamed_unnumbered = 0usize;
+    let mut anonymous: Vec<String> = Vec::new();
     for raw in errors.iter().filter(|l| !l.trim().is_empty()) {
         let Ok(v) = serde_json::from_str::<Value>(raw) else {
             out.unparsed += 1;
@@ -184,7 +206,9 @@ pub fn reconcile(
             .find_map(|k| v.get(*k).and_then(Value::as_str))
             .unwrap_or("")
             .to_string();
-        let code = ["errorCode", "ErrorCode"].iter().find_map(|k| v.get(*k).and_then(Value::as_str));
+        let code = ["errorCode", "ErrorCode"]
+            .iter()
+            .find_map(|k| v.get(*k).and_then(Value::as_str));
         let full = match code {
             Some(c) if !message.contains(c) => format!("{c}: {message}"),
             _ => message,
@@ -195,18 +219,50 @@ pub fn reconcile(
             .and_then(|n| by_name.get(n).copied());
         if let Some(index) = named {
             if accounted.insert(index) {
-                out.verdicts[index] = Verdict::Failed { class: classify(&full).into(), message: full };
+                out.verdicts[index] = Verdict::Failed {
+                    class: classify(&full).into(),
+                    message: full,
+                };
             }
         } else if let Some(n) = line_number(&v) {
             numbered.push((n, full));
         } else {
-            unnamed_unnumbered += 1;
+            anonymous.push(full);
         }
     }
-    if unnamed_unnumbered > 0 {
+    if !anonymous.is_empty() {
+        let open: Vec<usize> = (0..staged.len()).filter(|i| !accounted.contains(i)).collect();
+        let classes: BTreeSet<&str> = anonymous.iter().map(|m| classify(m)).collect();
+        let summary = format!(
+            "one of {} ERRORS line(s) that name no device, e.g. \"{}\"",
+            anonymous.len(),
+            anonymous[0]
+        );
         out.notes.push(format!(
-            "{unnamed_unnumbered} ERRORS line(s) carry neither a thing name nor a line number"
+            "{} ERRORS line(s) carry neither a thing name nor a line number",
+            anonymous.len()
         ));
+        // As many anonymous errors as unaccounted devices, all of one class that
+        // a retry would not cure: those devices failed, though not which way.
+        let single = classes.iter().next().copied().filter(|_| classes.len() == 1);
+        match single {
+            Some(class) if open.len() == anonymous.len() && numbered.is_empty() && !is_retryable(class) => {
+                for i in open {
+                    out.verdicts[i] = Verdict::Failed {
+                        class: class.into(),
+                        message: summary.clone(),
+                    };
+                    accounted.insert(i);
+                }
+            }
+            _ => {
+                for i in open {
+                    out.verdicts[i] = Verdict::Unknown {
+                        hint: Some(summary.clone()),
+                    };
+                }
+            }
+        }
     }
     if !numbered.is_empty() {
         let open: BTreeSet<usize> = (0..staged.len()).filter(|i| !accounted.contains(i)).collect();
@@ -220,7 +276,11 @@ pub fn reconcile(
         // RESULTS lines that carried numbers tell the base outright.
         let learned: BTreeSet<i64> = known_numbers.iter().map(|(n, i)| n - *i as i64).collect();
         let base = if learned.len() == 1 {
-            learned.iter().next().copied().filter(|b| (*b == 0 || *b == 1) && fits(*b))
+            learned
+                .iter()
+                .next()
+                .copied()
+                .filter(|b| (*b == 0 || *b == 1) && fits(*b))
         } else {
             match (fits(0), fits(1)) {
                 (true, false) => Some(0),
@@ -232,7 +292,10 @@ pub fn reconcile(
             Some(b) => {
                 for (n, msg) in numbered {
                     let i = (n - b) as usize;
-                    out.verdicts[i] = Verdict::Failed { class: classify(&msg).into(), message: msg };
+                    out.verdicts[i] = Verdict::Failed {
+                        class: classify(&msg).into(),
+                        message: msg,
+                    };
                     accounted.insert(i);
                 }
             }
@@ -259,23 +322,34 @@ mod tests {
         let key = rcgen::KeyPair::generate().unwrap();
         let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
         (
-            StagedDevice { index: i, thing_name: name.into(), key: KeyId::from_spki_der(&spki).unwrap() },
+            StagedDevice {
+                index: i,
+                thing_name: name.into(),
+                key: KeyId::from_spki_der(&spki).unwrap(),
+            },
             key,
         )
     }
 
     fn cert_for(key: &rcgen::KeyPair) -> (String, String) {
         let ca_key = rcgen::KeyPair::generate().unwrap();
-        let ca = rcgen::CertificateParams::new(vec![]).unwrap().self_signed(&ca_key).unwrap();
+        let ca = rcgen::CertificateParams::new(vec![])
+            .unwrap()
+            .self_signed(&ca_key)
+            .unwrap();
         let issuer = rcgen::Issuer::from_ca_cert_der(ca.der(), &ca_key).unwrap();
-        let cert = rcgen::CertificateParams::new(vec![]).unwrap().signed_by(key, &issuer).unwrap();
+        let cert = rcgen::CertificateParams::new(vec![])
+            .unwrap()
+            .signed_by(key, &issuer)
+            .unwrap();
         (cert.pem(), crate::crypto::certificate_id(cert.der()))
     }
 
     fn result_line(name: &str, pem: &str, id: &str, key: &str, n: i64) -> String {
         serde_json::json!({"response": {"CertificatePem": pem, "ResourceArns": {
             "thing": format!("arn:aws:iot:us-east-1:1:thing/{name}"),
-            "certificate": format!("arn:aws:iot:us-east-1:1:cert/{id}")}}, key: n}).to_string()
+            "certificate": format!("arn:aws:iot:us-east-1:1:cert/{id}")}}, key: n})
+        .to_string()
     }
 
     #[test]
@@ -284,7 +358,10 @@ mod tests {
         let (b, kb) = device(1, "B");
         let (pa, ia) = cert_for(&ka);
         let (pb, ib) = cert_for(&kb);
-        let results = vec![result_line("B", &pb, &ib, "offset", 1), result_line("A", &pa, &ia, "offset", 0)];
+        let results = vec![
+            result_line("B", &pb, &ib, "offset", 1),
+            result_line("A", &pa, &ia, "offset", 0),
+        ];
         let r = reconcile(&[a, b], Some("thing"), Some("certificate"), &results, &[]);
         assert!(matches!(&r.verdicts[0], Verdict::Registered { certificate_id, .. } if *certificate_id == ia));
         assert!(matches!(&r.verdicts[1], Verdict::Registered { certificate_id, .. } if *certificate_id == ib));
@@ -295,7 +372,13 @@ mod tests {
         let (a, _ka) = device(0, "A");
         let (_b, kb) = device(1, "B");
         let (pb, ib) = cert_for(&kb);
-        let r = reconcile(&[a], Some("thing"), Some("certificate"), &[result_line("A", &pb, &ib, "lineNumber", 1)], &[]);
+        let r = reconcile(
+            &[a],
+            Some("thing"),
+            Some("certificate"),
+            &[result_line("A", &pb, &ib, "lineNumber", 1)],
+            &[],
+        );
         assert!(matches!(&r.verdicts[0], Verdict::Failed { class, .. } if class == "verification"));
     }
 
@@ -307,7 +390,13 @@ mod tests {
         let (pa, ia) = cert_for(&ka);
         // 1-based: A is line 1, C (index 2) is line 3; B has no line at all.
         let errors = vec![r#"{"errorMessage": "InvalidRequestException: bad csr", "lineNumber": 3}"#.to_string()];
-        let r = reconcile(&[a, b, c], Some("thing"), Some("certificate"), &[result_line("A", &pa, &ia, "lineNumber", 1)], &errors);
+        let r = reconcile(
+            &[a, b, c],
+            Some("thing"),
+            Some("certificate"),
+            &[result_line("A", &pa, &ia, "lineNumber", 1)],
+            &errors,
+        );
         assert!(matches!(&r.verdicts[2], Verdict::Failed { class, .. } if class == "invalid-request"));
         assert_eq!(r.verdicts[1], Verdict::Unknown { hint: None });
     }
@@ -329,7 +418,8 @@ mod tests {
         let (b, _) = device(1, "B");
         let (pa, ia) = cert_for(&ka);
         let camel = serde_json::json!({"response": {"certificatePem": pa, "resourceArns": {
-            "myThing": "arn:aws:iot:r:1:thing/A", "myCert": format!("arn:aws:iot:r:1:cert/{ia}")}}}).to_string();
+            "myThing": "arn:aws:iot:r:1:thing/A", "myCert": format!("arn:aws:iot:r:1:cert/{ia}")}}})
+        .to_string();
         let errors = vec![r#"{"thingName": "B", "errorCode": "ResourceRegistrationFailureException", "errorMessage": "Thing Type 1:x not found"}"#.to_string(), "garbage".to_string()];
         let r = reconcile(&[a, b], Some("myThing"), Some("myCert"), &[camel], &errors);
         assert!(matches!(r.verdicts[0], Verdict::Registered { .. }));

@@ -27,7 +27,13 @@ async fn list_links(aws: &Aws, task_id: &str, kind: ReportType) -> Result<Vec<St
             .set_next_token(token.clone())
             .send()
             .await
-            .map_err(|e| Error::infra(format!("listing {} reports of task {task_id}: {}", kind.as_str(), describe(&e))))?;
+            .map_err(|e| {
+                Error::infra(format!(
+                    "listing {} reports of task {task_id}: {}",
+                    kind.as_str(),
+                    describe(&e)
+                ))
+            })?;
         links.extend(out.resource_links().iter().cloned());
         token = out.next_token().map(String::from);
         if token.is_none() {
@@ -42,7 +48,10 @@ async fn download(http: &reqwest::Client, url: &str) -> std::result::Result<Vec<
     if !status.is_success() {
         return Err((Some(status.as_u16()), format!("HTTP {status}")));
     }
-    resp.bytes().await.map(|b| b.to_vec()).map_err(|e| (None, e.to_string()))
+    resp.bytes()
+        .await
+        .map(|b| b.to_vec())
+        .map_err(|e| (None, e.to_string()))
 }
 
 /// Downloads every report file of a finished task into `dir`.
@@ -62,12 +71,18 @@ pub async fn fetch_all(aws: &Aws, task_id: &str, dir: &Path) -> Result<()> {
                 match download(&http, url).await {
                     Ok(bytes) => files.push(bytes),
                     Err((Some(403), _)) | Err((Some(400), _)) if relists < 3 => {
-                        tracing::info!(task_id, report = stem, "a report link was refused (expired?); listing again for fresh links");
+                        tracing::info!(
+                            task_id,
+                            report = stem,
+                            "a report link was refused (expired?); listing again for fresh links"
+                        );
                         relists += 1;
                         continue 'listing;
                     }
                     Err((_, e)) => {
-                        return Err(Error::infra(format!("downloading a {stem} report of task {task_id}: {e}")));
+                        return Err(Error::infra(format!(
+                            "downloading a {stem} report of task {task_id}: {e}"
+                        )));
                     }
                 }
             }

@@ -28,9 +28,7 @@ pub fn check_thing_name(name: &str) -> Result<(), String> {
 /// Attribute names: 1 to 128 characters of `[a-zA-Z0-9_.,@/:#-]`.
 pub fn check_attribute_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.chars().count() > 128 {
-        return Err(format!(
-            "attribute name `{name}` must be 1 to 128 characters"
-        ));
+        return Err(format!("attribute name `{name}` must be 1 to 128 characters"));
     }
     if let Some(bad) = name
         .chars()

@@ -36,6 +36,8 @@ pub struct RunOptions {
     pub delimiter: Option<u8>,
     /// How long to follow a task before leaving it to `resume`.
     pub task_timeout: Option<Duration>,
+    pub chunk_size: usize,
+    pub max_retries: u32,
 }
 
 /// The part of a run that defines the batch, kept in the ledger so that
@@ -51,6 +53,20 @@ pub struct Settings {
     pub role_arn: String,
     pub inputs: Vec<String>,
     pub task_timeout_secs: Option<u64>,
+    /// Devices per bulk task.
+    #[serde(default = "default_chunk_size")]
+    pub chunk_size: usize,
+    /// Follow-up tasks for a device whose line failed for a retryable reason.
+    #[serde(default = "default_max_retries")]
+    pub max_retries: u32,
+}
+
+fn default_chunk_size() -> usize {
+    10_000
+}
+
+fn default_max_retries() -> u32 {
+    2
 }
 
 /// What a finished (or stopped) batch came to.
@@ -90,7 +106,16 @@ impl Timings {
 }
 
 /// The stages in pipeline order, as report.json and the summary name them.
-pub const STAGES: [&str; 8] = ["ingest", "keygen", "persist", "stage", "register", "reconcile", "bundle", "report"];
+pub const STAGES: [&str; 8] = [
+    "ingest",
+    "keygen",
+    "persist",
+    "stage",
+    "register",
+    "reconcile",
+    "bundle",
+    "report",
+];
 
 pub const LEDGER_FILE: &str = "ledger.sqlite";
 const LOCK_FILE: &str = ".provline.lock";
@@ -174,7 +199,12 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
     for d in &ingested.devices {
         columns.extend(d.values.keys().cloned());
     }
-    let optional: BTreeSet<String> = profile.columns.iter().filter(|c| !c.required).map(|c| c.name.clone()).collect();
+    let optional: BTreeSet<String> = profile
+        .columns
+        .iter()
+        .filter(|c| !c.required)
+        .map(|c| c.name.clone())
+        .collect();
     let unfilled = template.unfilled_parameters(&columns, &optional);
     if !unfilled.is_empty() {
         return Err(Error::config(format!(
@@ -196,6 +226,8 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
         role_arn: opts.role_arn.clone().unwrap_or_default(),
         inputs: opts.inputs.iter().map(|p| p.display().to_string()).collect(),
         task_timeout_secs: opts.task_timeout.map(|d| d.as_secs()),
+        chunk_size: opts.chunk_size,
+        max_retries: opts.max_retries,
     };
     // The batch is what is registered: the rows (after skipping), how keys
     // and names are made, and the template. Same inputs, same batch.
@@ -248,12 +280,20 @@ pub fn plan(p: &Prepared, out: &std::path::Path) -> serde_json::Value {
 }
 
 fn input_key(s: &Settings, batch: &str, attempt: i64) -> String {
-    let prefix = if s.prefix.is_empty() { String::new() } else { format!("{}/", s.prefix) };
+    let prefix = if s.prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{}/", s.prefix)
+    };
     format!("{prefix}{batch}/attempt-{attempt}/registration.ndjson")
 }
 
 fn template_key(s: &Settings, batch: &str, attempt: i64) -> String {
-    let prefix = if s.prefix.is_empty() { String::new() } else { format!("{}/", s.prefix) };
+    let prefix = if s.prefix.is_empty() {
+        String::new()
+    } else {
+        format!("{}/", s.prefix)
+    };
     format!("{prefix}{batch}/attempt-{attempt}/template.json")
 }
 
@@ -266,7 +306,10 @@ pub fn record_batch(ledger: &mut Ledger, p: &Prepared) -> Result<bool> {
     let mut problems = Problems::default();
     for d in &p.devices {
         for (other, row) in ledger.earlier(&p.batch, &d.serial, &d.thing_name)? {
-            let live = matches!(row.state.as_str(), state::REGISTERED | state::BUNDLED | state::SUBMITTED | state::STAGED);
+            let live = matches!(
+                row.state.as_str(),
+                state::REGISTERED | state::BUNDLED | state::SUBMITTED | state::STAGED
+            );
             let what = if row.fingerprint != d.fingerprint() {
                 format!(
                     "serial `{}` / thing `{}` is already in {other} ({}:{}) with different data; provline never re-registers a device silently: correct the row, or remove it if the device was already provisioned",
@@ -280,7 +323,12 @@ pub fn record_batch(ledger: &mut Ledger, p: &Prepared) -> Result<bool> {
             } else {
                 continue;
             };
-            problems.push(Problem::new(what).file(d.file.to_string()).line(d.line).device(d.thing_name.clone()));
+            problems.push(
+                Problem::new(what)
+                    .file(d.file.to_string())
+                    .line(d.line)
+                    .device(d.thing_name.clone()),
+            );
         }
     }
     problems.into_result()?;
@@ -342,7 +390,12 @@ fn load_keys(ws: &Workspace) -> Result<HashMap<String, Keyed>> {
         let key = csr_key_id(&k.csr_pem).map_err(|e| Error::infra(format!("{}:{}: {e}", path.display(), i + 1)))?;
         out.insert(
             k.thing_name,
-            Keyed { key_pem: k.key_pem.map(SecretPem), csr_pem: k.csr_pem, key, key_type: k.key_type },
+            Keyed {
+                key_pem: k.key_pem.map(SecretPem),
+                csr_pem: k.csr_pem,
+                key,
+                key_type: k.key_type,
+            },
         );
     }
     Ok(out)
@@ -381,7 +434,10 @@ fn keygen_stage(ledger: &mut Ledger, ws: &Workspace, s: &Settings, t: &mut Timin
             .map(|r| {
                 let sd = stored(r)?;
                 let csr = match &sd.device_csr {
-                    Some(pem) => Some(crate::csr::check_csr(pem).map_err(|e| Error::infra(format!("stored CSR of `{}`: {e}", r.thing_name)))?),
+                    Some(pem) => Some(
+                        crate::csr::check_csr(pem)
+                            .map_err(|e| Error::infra(format!("stored CSR of `{}`: {e}", r.thing_name)))?,
+                    ),
                     None => None,
                 };
                 Ok(crate::ingest::Device {
@@ -407,7 +463,10 @@ fn keygen_stage(ledger: &mut Ledger, ws: &Workspace, s: &Settings, t: &mut Timin
         problems.into_result()?;
         t.add("keygen", started);
         let started = Instant::now();
-        let mut all: Vec<(String, &Keyed)> = rows.iter().filter_map(|r| keys.get(&r.thing_name).map(|k| (r.thing_name.clone(), k))).collect();
+        let mut all: Vec<(String, &Keyed)> = rows
+            .iter()
+            .filter_map(|r| keys.get(&r.thing_name).map(|k| (r.thing_name.clone(), k)))
+            .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
         store_keys(ws, &all)?;
         t.add("persist", started);
@@ -416,7 +475,10 @@ fn keygen_stage(ledger: &mut Ledger, ws: &Workspace, s: &Settings, t: &mut Timin
     let unmarked: Vec<(String, String, String)> = rows
         .iter()
         .filter(|r| r.state == state::INGESTED)
-        .filter_map(|r| keys.get(&r.thing_name).map(|k| (r.thing_name.clone(), k.key.fingerprint(), k.key_type.clone())))
+        .filter_map(|r| {
+            keys.get(&r.thing_name)
+                .map(|k| (r.thing_name.clone(), k.key.fingerprint(), k.key_type.clone()))
+        })
         .collect();
     if !unmarked.is_empty() {
         ledger.mark_keyed(&ws.batch, &unmarked)?;
@@ -424,7 +486,8 @@ fn keygen_stage(ledger: &mut Ledger, ws: &Workspace, s: &Settings, t: &mut Timin
     Ok(keys)
 }
 
-/// Runs (or continues) a recorded batch to its end.
+/// Runs (or continues) a recorded batch to its end: attempt after attempt
+/// (chunks first, then retries), each one bulk task, then bundles and reports.
 pub async fn continue_batch(
     ledger: &mut Ledger,
     ws: &Workspace,
@@ -436,27 +499,128 @@ pub async fn continue_batch(
     if let Some(secs) = ingest_seconds {
         t.0.insert("ingest", secs);
     }
-    ws.create().map_err(|e| Error::infra(format!("cannot create {}: {e}", ws.dir().display())))?;
+    ws.create()
+        .map_err(|e| Error::infra(format!("cannot create {}: {e}", ws.dir().display())))?;
     let template = Template::check(&s.template_source, &s.template_body).map_err(Error::Input)?;
     let keys = keygen_stage(ledger, ws, s, &mut t)?;
+    let mut endpoint = None;
+    loop {
+        let attempts = ledger.attempts(&ws.batch)?;
+        let attempt = match attempts.iter().find(|a| !a.reconciled) {
+            Some(a) => a.clone(),
+            None => match next_attempt(ledger, ws, s, aws, &keys, attempts.len() as i64 + 1).await? {
+                Some(a) => a,
+                None => break,
+            },
+        };
+        run_attempt(ledger, ws, s, aws, &template, &keys, attempt, &mut t).await?;
+        bundle_stage(ledger, ws, aws, &keys, &mut endpoint, &mut t).await?;
+    }
+    bundle_stage(ledger, ws, aws, &keys, &mut endpoint, &mut t).await?;
 
-    let attempts = ledger.attempts(&ws.batch)?;
-    let mut attempt = match attempts.last() {
-        Some(a) => a.clone(),
-        None => {
-            let rows = ledger.devices(&ws.batch)?;
-            let key = input_key(s, &ws.batch, 1);
-            ledger.add_attempt(&ws.batch, 1, &s.bucket, &key, rows.len())?;
-            ledger.attempts(&ws.batch)?.pop().expect("attempt just added")
-        }
-    };
-    let rows = ledger.devices(&ws.batch)?;
-    let in_attempt: Vec<&DeviceRow> = rows
-        .iter()
-        .filter(|r| r.attempt.is_none_or(|a| a == attempt.attempt))
+    let started = Instant::now();
+    let task_ids: Vec<String> = ledger
+        .attempts(&ws.batch)?
+        .into_iter()
+        .filter_map(|a| a.task_id)
         .collect();
+    let mut summary = write_reports(ledger, ws, &task_ids, &t)?;
+    t.add("report", started);
+    summary.stage_seconds = t.0.clone();
+    ledger.finish_batch(&ws.batch)?;
+    Ok(summary)
+}
 
-    // Stage: lines in device order, written to the workspace, then uploaded.
+/// The next attempt: the next chunk of devices never sent, else the devices
+/// whose failure is worth a retry (and that the registry confirms have no
+/// certificate), else none.
+async fn next_attempt(
+    ledger: &mut Ledger,
+    ws: &Workspace,
+    s: &Settings,
+    aws: &Aws,
+    keys: &HashMap<String, Keyed>,
+    number: i64,
+) -> Result<Option<AttemptRow>> {
+    let rows = ledger.devices(&ws.batch)?;
+    let chunk = s.chunk_size.max(1);
+    let mut things: Vec<String> = rows
+        .iter()
+        .filter(|r| r.state == state::KEYED)
+        .take(chunk)
+        .map(|r| r.thing_name.clone())
+        .collect();
+    if things.is_empty() {
+        let candidates: Vec<&DeviceRow> = rows
+            .iter()
+            .filter(|r| {
+                r.state == state::FAILED
+                    && r.error_class.as_deref().is_some_and(crate::reconcile::is_retryable)
+                    && (r.tries as u32) <= s.max_retries
+            })
+            .take(chunk)
+            .collect();
+        let mut adopted = Vec::new();
+        for r in candidates {
+            // A line that failed may still have made a certificate: look first.
+            match lookup_registry(aws, &r.thing_name, &keys[&r.thing_name].key, None).await {
+                Verdict::Registered {
+                    certificate_id,
+                    certificate_pem,
+                } => adopted.push(Outcome {
+                    thing_name: r.thing_name.clone(),
+                    registered: true,
+                    certificate_id: Some(certificate_id),
+                    certificate_pem: Some(certificate_pem),
+                    error_class: None,
+                    error: None,
+                }),
+                Verdict::Failed { class, .. } if class == "unregistered" => things.push(r.thing_name.clone()),
+                other => {
+                    tracing::warn!(thing = %r.thing_name, verdict = ?other, "not retried: the registry could not confirm that it has no certificate")
+                }
+            }
+        }
+        if !adopted.is_empty() {
+            tracing::info!(
+                count = adopted.len(),
+                "devices whose failed line had registered them after all"
+            );
+            ledger.record_outcomes(&ws.batch, &adopted)?;
+        }
+        if !things.is_empty() {
+            tracing::info!(
+                count = things.len(),
+                attempt = number,
+                "retrying devices that failed for a retryable reason"
+            );
+        }
+    }
+    if things.is_empty() {
+        return Ok(None);
+    }
+    let key = input_key(s, &ws.batch, number);
+    ledger.add_attempt(&ws.batch, number, &s.bucket, &key, &things)?;
+    Ok(ledger.attempts(&ws.batch)?.into_iter().find(|a| a.attempt == number))
+}
+
+/// Stage, register and reconcile one attempt, from wherever it stopped.
+#[allow(clippy::too_many_arguments)]
+async fn run_attempt(
+    ledger: &mut Ledger,
+    ws: &Workspace,
+    s: &Settings,
+    aws: &Aws,
+    template: &Template,
+    keys: &HashMap<String, Keyed>,
+    mut attempt: AttemptRow,
+    t: &mut Timings,
+) -> Result<()> {
+    let rows = ledger.devices(&ws.batch)?;
+    let in_attempt: Vec<&DeviceRow> = rows.iter().filter(|r| r.attempt == Some(attempt.attempt)).collect();
+    let things: Vec<String> = in_attempt.iter().map(|r| r.thing_name.clone()).collect();
+
+    // Stage: lines in device order, kept in the workspace, then uploaded.
     let staged_path = ws.work().join(format!("attempt-{}.ndjson", attempt.attempt));
     if !attempt.uploaded {
         let started = Instant::now();
@@ -464,27 +628,34 @@ pub async fn continue_batch(
         let mut problems = Problems::default();
         for r in &in_attempt {
             let sd = stored(r)?;
-            let k = keys.get(&r.thing_name).ok_or_else(|| Error::infra(format!("no key for `{}`", r.thing_name)))?;
-            match registration_line(&template, &sd, &k.csr_pem) {
+            let k = keys
+                .get(&r.thing_name)
+                .ok_or_else(|| Error::infra(format!("no key for `{}`", r.thing_name)))?;
+            match registration_line(template, &sd, &k.csr_pem) {
                 Ok(line) => {
                     buf.extend_from_slice(line.as_bytes());
                     buf.push(b'\n');
                 }
-                Err(e) => problems.push(Problem::new(e).file(r.file.clone()).line(r.line as u64).device(r.thing_name.clone())),
+                Err(e) => problems.push(
+                    Problem::new(e)
+                        .file(r.file.clone())
+                        .line(r.line as u64)
+                        .device(r.thing_name.clone()),
+                ),
             }
         }
         problems.into_result()?;
-        write_durable(&staged_path, &buf, 0o600).map_err(|e| Error::infra(format!("{}: {e}", staged_path.display())))?;
-        let things: Vec<String> = in_attempt.iter().map(|r| r.thing_name.clone()).collect();
-        ledger.set_state(&ws.batch, &things, state::STAGED, Some(attempt.attempt))?;
-        crate::stage::upload(aws, &attempt.s3_bucket, &attempt.s3_key, &template_key(s, &ws.batch, attempt.attempt), &s.template_body, buf).await?;
+        write_durable(&staged_path, &buf, 0o600)
+            .map_err(|e| Error::infra(format!("{}: {e}", staged_path.display())))?;
+        let tkey = template_key(s, &ws.batch, attempt.attempt);
+        crate::stage::upload(aws, &attempt.s3_bucket, &attempt.s3_key, &tkey, &s.template_body, buf).await?;
         ledger.set_uploaded(&ws.batch, attempt.attempt)?;
         attempt.uploaded = true;
         t.add("stage", started);
         tracing::info!(batch = %ws.batch, key = %attempt.s3_key, lines = in_attempt.len(), "staged");
     }
 
-    // Register.
+    // Register: one task per account at a time.
     let lines = in_attempt.len() as u64;
     let timeout = s
         .task_timeout_secs
@@ -494,30 +665,46 @@ pub async fn continue_batch(
     let started = Instant::now();
     if attempt.task_id.is_none() {
         // A crash may have come between the start call and storing its id.
-        if let Some(found) = crate::register::find_task_by_input(aws, &attempt.s3_bucket, &attempt.s3_key).await? {
-            tracing::info!(task_id = %found, "found the task started for this attempt before a crash");
-            ledger.set_task(&ws.batch, attempt.attempt, &found)?;
-            attempt.task_id = Some(found);
-        } else {
-            crate::register::wait_for_account(aws, deadline).await?;
-            let template_body = &s.template_body;
-            let id = crate::register::start(aws, template_body, &attempt.s3_bucket, &attempt.s3_key, &s.role_arn).await?;
-            ledger.set_task(&ws.batch, attempt.attempt, &id)?;
-            tracing::info!(task_id = %id, "bulk registration task started");
-            attempt.task_id = Some(id);
-        }
-        let things: Vec<String> = in_attempt.iter().map(|r| r.thing_name.clone()).collect();
+        let found = crate::register::find_task_by_input(aws, &attempt.s3_bucket, &attempt.s3_key).await?;
+        let id = match found {
+            Some(found) => {
+                tracing::info!(task_id = %found, "found the task this attempt started before a crash");
+                found
+            }
+            None => {
+                crate::register::wait_for_account(aws, deadline).await?;
+                let id =
+                    crate::register::start(aws, &s.template_body, &attempt.s3_bucket, &attempt.s3_key, &s.role_arn)
+                        .await?;
+                tracing::info!(task_id = %id, attempt = attempt.attempt, lines, "bulk registration task started");
+                id
+            }
+        };
+        ledger.set_task(&ws.batch, attempt.attempt, &id)?;
         ledger.set_state(&ws.batch, &things, state::SUBMITTED, None)?;
+        attempt.task_id = Some(id);
     }
     let task_id = attempt.task_id.clone().expect("set above");
     if !attempt.task_status.as_deref().is_some_and(crate::register::is_terminal) {
         let end = crate::register::follow(aws, &task_id, lines, deadline).await?;
-        ledger.set_task_end(&ws.batch, attempt.attempt, &end.status, end.success, end.failure, end.message.as_deref())?;
+        ledger.set_task_end(
+            &ws.batch,
+            attempt.attempt,
+            &end.status,
+            end.success,
+            end.failure,
+            end.message.as_deref(),
+        )?;
         if end.success + end.failure != lines as i64 {
-            tracing::warn!(task_id, success = end.success, failure = end.failure, lines, "the task's counts do not add up to the lines staged; unaccounted devices are checked one by one");
+            tracing::warn!(
+                task_id,
+                success = end.success,
+                failure = end.failure,
+                lines,
+                "the task's counts do not add up to the lines staged; unaccounted devices are checked one by one"
+            );
         }
         tracing::info!(task_id, status = %end.status, success = end.success, failure = end.failure, "task ended");
-        attempt = ledger.attempts(&ws.batch)?.into_iter().find(|a| a.attempt == attempt.attempt).expect("attempt exists");
     }
     t.add("register", started);
 
@@ -538,14 +725,25 @@ pub async fn continue_batch(
             key: keys[&r.thing_name].key.clone(),
         })
         .collect();
-    let rec = reconcile(&staged, template.thing_resource.as_deref(), template.certificate_resource.as_deref(), &results, &errors);
+    let rec = reconcile(
+        &staged,
+        template.thing_resource.as_deref(),
+        template.certificate_resource.as_deref(),
+        &results,
+        &errors,
+    );
     for note in &rec.notes {
         tracing::warn!(task_id, "{note}");
     }
     if rec.unparsed > 0 || rec.unmatched > 0 {
-        tracing::warn!(task_id, unparsed = rec.unparsed, unmatched = rec.unmatched, "report lines that belong to no device of this attempt (kept in {})", reports_dir.display());
+        tracing::warn!(
+            task_id,
+            unparsed = rec.unparsed,
+            unmatched = rec.unmatched,
+            "report lines that belong to no device of this attempt (kept in {})",
+            reports_dir.display()
+        );
     }
-    let mut certs: HashMap<String, (String, String)> = HashMap::new();
     let mut outcomes = Vec::new();
     for (dev, verdict) in staged.iter().zip(rec.verdicts) {
         let verdict = match verdict {
@@ -553,84 +751,134 @@ pub async fn continue_batch(
             Verdict::Unknown { hint } => lookup_registry(aws, &dev.thing_name, &dev.key, hint).await,
             v => v,
         };
-        let o = match verdict {
-            Verdict::Registered { certificate_id, certificate_pem } => {
-                certs.insert(dev.thing_name.clone(), (certificate_id.clone(), certificate_pem));
-                Outcome { thing_name: dev.thing_name.clone(), registered: true, certificate_id: Some(certificate_id), error_class: None, error: None }
-            }
-            Verdict::Failed { class, message } => Outcome { thing_name: dev.thing_name.clone(), registered: false, certificate_id: None, error_class: Some(class), error: Some(message) },
-            Verdict::Unknown { hint } => Outcome {
-                thing_name: dev.thing_name.clone(),
-                registered: false,
-                certificate_id: None,
-                error_class: Some("unknown".into()),
-                error: Some(hint.unwrap_or_else(|| "no report line names this device and the registry holds no certificate with its key".into())),
-            },
-            Verdict::NeedsCertificate { .. } => unreachable!("resolved above"),
-        };
-        outcomes.push(o);
+        outcomes.push(outcome(&dev.thing_name, verdict));
     }
-    let not_bundled: Vec<Outcome> = outcomes
-        .into_iter()
-        .filter(|o| rows.iter().any(|r| r.thing_name == o.thing_name && r.state != state::BUNDLED))
-        .collect();
-    ledger.record_outcomes(&ws.batch, &not_bundled)?;
+    ledger.record_outcomes(&ws.batch, &outcomes)?;
+    ledger.set_reconciled(&ws.batch, attempt.attempt)?;
     t.add("reconcile", started);
+    Ok(())
+}
 
-    // Bundle.
-    let started = Instant::now();
+fn outcome(thing: &str, verdict: Verdict) -> Outcome {
+    let failed = |class: String, message: String| Outcome {
+        thing_name: thing.to_string(),
+        registered: false,
+        certificate_id: None,
+        certificate_pem: None,
+        error_class: Some(class),
+        error: Some(message),
+    };
+    match verdict {
+        Verdict::Registered {
+            certificate_id,
+            certificate_pem,
+        } => Outcome {
+            thing_name: thing.to_string(),
+            registered: true,
+            certificate_id: Some(certificate_id),
+            certificate_pem: Some(certificate_pem),
+            error_class: None,
+            error: None,
+        },
+        Verdict::Failed { class, message } => failed(class, message),
+        Verdict::Unknown { hint } => failed(
+            "unknown".into(),
+            hint.unwrap_or_else(|| "no report line names this device and the registry could not be read".into()),
+        ),
+        Verdict::NeedsCertificate { certificate_id } => failed(
+            "unknown".into(),
+            format!("certificate {certificate_id} was never fetched"),
+        ),
+    }
+}
+
+/// Bundles every registered device that has none yet; durable before the
+/// ledger says "bundled".
+async fn bundle_stage(
+    ledger: &mut Ledger,
+    ws: &Workspace,
+    aws: &Aws,
+    keys: &HashMap<String, Keyed>,
+    endpoint: &mut Option<String>,
+    t: &mut Timings,
+) -> Result<()> {
     let rows = ledger.devices(&ws.batch)?;
     let to_bundle: Vec<&DeviceRow> = rows.iter().filter(|r| r.state == state::REGISTERED).collect();
-    if !to_bundle.is_empty() {
-        let endpoint = crate::sandbox_setup::data_endpoint(aws).await?;
-        let mut done = Vec::new();
-        let mut failures = Vec::new();
-        for r in to_bundle {
-            let k = &keys[&r.thing_name];
-            let Some((cert_id, cert_pem)) = certs.get(&r.thing_name) else {
-                failures.push(Outcome { thing_name: r.thing_name.clone(), registered: false, certificate_id: r.certificate_id.clone(), error_class: Some("bundle".into()), error: Some("the certificate is no longer at hand; run `provline resume`".into()) });
-                continue;
-            };
-            let input = BundleInput {
-                thing_name: &r.thing_name,
-                serial: &r.serial,
-                certificate_pem: cert_pem,
-                certificate_id: cert_id,
-                key_pem: k.key_pem.as_ref().map(|s| s.0.as_str()),
-                key: &k.key,
-                key_type: &k.key_type,
-                endpoint: &endpoint,
-                batch: &ws.batch,
-            };
-            match write_bundle(ws, &input) {
-                Ok(_) => done.push(r.thing_name.clone()),
-                Err(e) => failures.push(Outcome { thing_name: r.thing_name.clone(), registered: false, certificate_id: Some(cert_id.clone()), error_class: Some("bundle".into()), error: Some(e) }),
+    if to_bundle.is_empty() {
+        return Ok(());
+    }
+    let started = Instant::now();
+    if endpoint.is_none() {
+        *endpoint = Some(crate::sandbox_setup::data_endpoint(aws).await?);
+    }
+    let endpoint = endpoint.as_deref().expect("set above");
+    let mut done = Vec::new();
+    let mut failures = Vec::new();
+    for r in to_bundle {
+        let k = &keys[&r.thing_name];
+        let (Some(cert_id), Some(cert_pem)) = (&r.certificate_id, &r.certificate_pem) else {
+            failures.push(outcome(
+                &r.thing_name,
+                Verdict::Failed {
+                    class: "bundle".into(),
+                    message: "registered, but the ledger holds no certificate".into(),
+                },
+            ));
+            continue;
+        };
+        let input = BundleInput {
+            thing_name: &r.thing_name,
+            serial: &r.serial,
+            certificate_pem: cert_pem,
+            certificate_id: cert_id,
+            key_pem: k.key_pem.as_ref().map(|s| s.0.as_str()),
+            key: &k.key,
+            key_type: &k.key_type,
+            endpoint,
+            batch: &ws.batch,
+        };
+        match write_bundle(ws, &input) {
+            Ok(_) => done.push(r.thing_name.clone()),
+            Err(e) => {
+                tracing::error!(thing = %r.thing_name, "{e}");
+                failures.push(outcome(
+                    &r.thing_name,
+                    Verdict::Failed {
+                        class: "bundle".into(),
+                        message: e,
+                    },
+                ));
             }
         }
-        crate::workspace::sync_dir(&ws.bundles()).map_err(|e| Error::infra(format!("{}: {e}", ws.bundles().display())))?;
-        ledger.set_state(&ws.batch, &done, state::BUNDLED, None)?;
-        ledger.record_outcomes(&ws.batch, &failures)?;
     }
+    crate::workspace::sync_dir(&ws.bundles()).map_err(|e| Error::infra(format!("{}: {e}", ws.bundles().display())))?;
+    ledger.set_state(&ws.batch, &done, state::BUNDLED, None)?;
+    ledger.record_outcomes(&ws.batch, &failures)?;
     t.add("bundle", started);
-
-    let started = Instant::now();
-    let mut summary = write_reports(ledger, ws, &[task_id], &t)?;
-    t.add("report", started);
-    summary.stage_seconds = t.0.clone();
-    ledger.finish_batch(&ws.batch)?;
-    Ok(summary)
+    Ok(())
 }
 
 async fn fetch_certificate(aws: &Aws, id: &str, key: &KeyId) -> Verdict {
     match aws.iot.describe_certificate().certificate_id(id).send().await {
         Ok(d) => match d.certificate_description().and_then(|c| c.certificate_pem()) {
             Some(pem) => match verify_certificate(pem, Some(id), key) {
-                Ok((certificate_id, certificate_pem)) => Verdict::Registered { certificate_id, certificate_pem },
-                Err(e) => Verdict::Failed { class: "verification".into(), message: e },
+                Ok((certificate_id, certificate_pem)) => Verdict::Registered {
+                    certificate_id,
+                    certificate_pem,
+                },
+                Err(e) => Verdict::Failed {
+                    class: "verification".into(),
+                    message: e,
+                },
             },
-            None => Verdict::Failed { class: "verification".into(), message: format!("DescribeCertificate {id} returned no PEM") },
+            None => Verdict::Failed {
+                class: "verification".into(),
+                message: format!("DescribeCertificate {id} returned no PEM"),
+            },
         },
-        Err(e) => Verdict::Unknown { hint: Some(format!("DescribeCertificate {id}: {}", describe(&e))) },
+        Err(e) => Verdict::Unknown {
+            hint: Some(format!("DescribeCertificate {id}: {}", describe(&e))),
+        },
     }
 }
 
@@ -642,32 +890,62 @@ async fn lookup_registry(aws: &Aws, thing: &str, key: &KeyId, hint: Option<Strin
         Err(e) => {
             let text = describe(&e);
             if text.contains("ResourceNotFound") {
-                return Verdict::Unknown { hint: hint.or(Some(format!("thing `{thing}` does not exist: it was not registered"))) };
+                return unregistered(thing, hint);
             }
-            return Verdict::Unknown { hint: Some(format!("registry lookup failed: {text}")) };
+            return Verdict::Unknown {
+                hint: Some(format!("registry lookup failed: {text}")),
+            };
         }
     };
     for arn in principals.iter().filter(|a| a.contains(":cert/")) {
         let id = arn.rsplit('/').next().unwrap_or(arn);
-        if let Ok(d) = aws.iot.describe_certificate().certificate_id(id).send().await {
-            let Some(desc) = d.certificate_description() else { continue };
+        let d = match aws.iot.describe_certificate().certificate_id(id).send().await {
+            Ok(d) => d,
+            Err(e) => {
+                return Verdict::Unknown {
+                    hint: Some(format!("registry lookup failed: {}", describe(&e))),
+                }
+            }
+        };
+        {
+            let Some(desc) = d.certificate_description() else {
+                continue;
+            };
             let active = desc.status().map(|s| s.as_str() == "ACTIVE").unwrap_or(false);
             if let (true, Some(pem)) = (active, desc.certificate_pem()) {
                 if let Ok((certificate_id, certificate_pem)) = verify_certificate(pem, Some(id), key) {
                     tracing::info!(thing, certificate_id, "found the device's certificate in the registry");
-                    return Verdict::Registered { certificate_id, certificate_pem };
+                    return Verdict::Registered {
+                        certificate_id,
+                        certificate_pem,
+                    };
                 }
             }
         }
     }
-    Verdict::Unknown { hint }
+    unregistered(thing, hint)
+}
+
+/// The registry was read and holds no certificate of this device's key on its thing.
+fn unregistered(thing: &str, hint: Option<String>) -> Verdict {
+    let message = match hint {
+        Some(h) => format!("{h} (the registry holds no certificate with this device's key on thing `{thing}`)"),
+        None => format!(
+            "no report line names this device and the registry holds no certificate with its key on thing `{thing}`"
+        ),
+    };
+    Verdict::Failed {
+        class: "unregistered".into(),
+        message,
+    }
 }
 
 /// results.csv, manifest.json and report.json, from the ledger.
 pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &Timings) -> Result<Summary> {
     let rows = ledger.devices(&ws.batch)?;
     let mut w = csv::Writer::from_writer(Vec::new());
-    w.write_record(["serial_number", "thing_name", "status", "certificate_id", "error"]).map_err(|e| Error::Other(e.into()))?;
+    w.write_record(["serial_number", "thing_name", "status", "certificate_id", "error"])
+        .map_err(|e| Error::Other(e.into()))?;
     let (mut registered, mut failed, mut bundled) = (0, 0, 0);
     for r in &rows {
         let status = match r.state.as_str() {
@@ -691,8 +969,14 @@ pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &T
             (None, Some(e)) => e.clone(),
             _ => String::new(),
         };
-        w.write_record([r.serial.as_str(), r.thing_name.as_str(), status, r.certificate_id.as_deref().unwrap_or(""), error.as_str()])
-            .map_err(|e| Error::Other(e.into()))?;
+        w.write_record([
+            r.serial.as_str(),
+            r.thing_name.as_str(),
+            status,
+            r.certificate_id.as_deref().unwrap_or(""),
+            error.as_str(),
+        ])
+        .map_err(|e| Error::Other(e.into()))?;
     }
     let csv_bytes = w.into_inner().map_err(|e| Error::Other(anyhow::anyhow!("{e}")))?;
     let io = |p: &std::path::Path, e: std::io::Error| Error::infra(format!("{}: {e}", p.display()));
@@ -706,7 +990,12 @@ pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &T
         "files": entries.iter().map(|(p, h, n)| serde_json::json!({"path": p, "sha256": h, "bytes": n})).collect::<Vec<_>>(),
     });
     let mpath = ws.dir().join("manifest.json");
-    write_durable(&mpath, format!("{}\n", serde_json::to_string_pretty(&manifest).expect("json")).as_bytes(), 0o644).map_err(|e| io(&mpath, e))?;
+    write_durable(
+        &mpath,
+        format!("{}\n", serde_json::to_string_pretty(&manifest).expect("json")).as_bytes(),
+        0o644,
+    )
+    .map_err(|e| io(&mpath, e))?;
 
     let report = serde_json::json!({
         "batch": ws.batch,
@@ -719,7 +1008,12 @@ pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &T
         "stage_seconds": t.0,
     });
     let rpath = ws.dir().join("report.json");
-    write_durable(&rpath, format!("{}\n", serde_json::to_string_pretty(&report).expect("json")).as_bytes(), 0o644).map_err(|e| io(&rpath, e))?;
+    write_durable(
+        &rpath,
+        format!("{}\n", serde_json::to_string_pretty(&report).expect("json")).as_bytes(),
+        0o644,
+    )
+    .map_err(|e| io(&rpath, e))?;
     Ok(Summary {
         batch: ws.batch.clone(),
         dir: ws.dir(),

@@ -9,7 +9,10 @@ pub const SANDBOX_POLICY: &str = "provline-sandbox-device";
 pub const SANDBOX_REGION: &str = "us-east-1";
 
 pub fn sandbox_role_arn() -> String {
-    format!("arn:aws:iam::{}:role/provline-sandbox-registration", provline_sandbox::ACCOUNT_ID)
+    format!(
+        "arn:aws:iam::{}:role/provline-sandbox-registration",
+        provline_sandbox::ACCOUNT_ID
+    )
 }
 
 pub fn connection(endpoint_url: &str) -> Connection {
@@ -27,12 +30,12 @@ pub fn connection(endpoint_url: &str) -> Connection {
 /// Creates the bucket and the device policy when the sandbox lacks them.
 pub async fn prepare_account(aws: &Aws, bucket: &str, policy: Option<&str>) -> Result<()> {
     if aws.s3.head_bucket().bucket(bucket).send().await.is_err() {
-        aws.s3
-            .create_bucket()
-            .bucket(bucket)
-            .send()
-            .await
-            .map_err(|e| Error::infra(format!("creating the sandbox bucket {bucket}: {}", crate::stage::s3_describe(&e))))?;
+        aws.s3.create_bucket().bucket(bucket).send().await.map_err(|e| {
+            Error::infra(format!(
+                "creating the sandbox bucket {bucket}: {}",
+                crate::stage::s3_describe(&e)
+            ))
+        })?;
     }
     if let Some(policy) = policy {
         if aws.iot.get_policy().policy_name(policy).send().await.is_err() {

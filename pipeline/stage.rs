@@ -46,7 +46,9 @@ pub fn registration_line(template: &Template, device: &StoredDevice, csr_pem: &s
         };
         if let Some(v) = value {
             if param.chars().count() > MAX_KEY_CHARS {
-                return Err(format!("parameter name `{param}` is longer than {MAX_KEY_CHARS} characters"));
+                return Err(format!(
+                    "parameter name `{param}` is longer than {MAX_KEY_CHARS} characters"
+                ));
             }
             if v.chars().count() > MAX_VALUE_CHARS {
                 return Err(format!(
@@ -59,13 +61,23 @@ pub fn registration_line(template: &Template, device: &StoredDevice, csr_pem: &s
     }
     let text = serde_json::to_string(&line).map_err(|e| e.to_string())?;
     if text.len() > MAX_LINE_BYTES {
-        return Err(format!("the registration line is {} bytes; AWS allows {MAX_LINE_BYTES}", text.len()));
+        return Err(format!(
+            "the registration line is {} bytes; AWS allows {MAX_LINE_BYTES}",
+            text.len()
+        ));
     }
     Ok(text)
 }
 
 /// Uploads the template and the registration file.
-pub async fn upload(aws: &Aws, bucket: &str, key: &str, template_key: &str, template: &str, lines: Vec<u8>) -> Result<()> {
+pub async fn upload(
+    aws: &Aws,
+    bucket: &str,
+    key: &str,
+    template_key: &str,
+    template: &str,
+    lines: Vec<u8>,
+) -> Result<()> {
     aws.s3
         .put_object()
         .bucket(bucket)
@@ -74,7 +86,12 @@ pub async fn upload(aws: &Aws, bucket: &str, key: &str, template_key: &str, temp
         .body(ByteStream::from(template.as_bytes().to_vec()))
         .send()
         .await
-        .map_err(|e| Error::infra(format!("uploading the template to s3://{bucket}/{template_key}: {}", s3_describe(&e))))?;
+        .map_err(|e| {
+            Error::infra(format!(
+                "uploading the template to s3://{bucket}/{template_key}: {}",
+                s3_describe(&e)
+            ))
+        })?;
     aws.s3
         .put_object()
         .bucket(bucket)
@@ -83,7 +100,12 @@ pub async fn upload(aws: &Aws, bucket: &str, key: &str, template_key: &str, temp
         .body(ByteStream::from(lines))
         .send()
         .await
-        .map_err(|e| Error::infra(format!("uploading the registration file to s3://{bucket}/{key}: {}", s3_describe(&e))))?;
+        .map_err(|e| {
+            Error::infra(format!(
+                "uploading the registration file to s3://{bucket}/{key}: {}",
+                s3_describe(&e)
+            ))
+        })?;
     Ok(())
 }
 
@@ -123,7 +145,12 @@ mod tests {
             values: [("model".to_string(), "TH-100".to_string())].into_iter().collect(),
             device_csr: None,
         };
-        let line = registration_line(&t, &d, "-----BEGIN CERTIFICATE REQUEST-----\nAA\n-----END CERTIFICATE REQUEST-----\n").unwrap();
+        let line = registration_line(
+            &t,
+            &d,
+            "-----BEGIN CERTIFICATE REQUEST-----\nAA\n-----END CERTIFICATE REQUEST-----\n",
+        )
+        .unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["ThingName"], "SN1");
         assert_eq!(v["Model"], "TH-100");

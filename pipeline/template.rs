@@ -175,7 +175,9 @@ impl Template {
             Some(Value::Object(r)) if !r.is_empty() => r,
             _ => {
                 problems.push(Problem {
-                    message: "`Resources` is missing or empty; a bulk template needs at least a thing and a certificate".into(),
+                    message:
+                        "`Resources` is missing or empty; a bulk template needs at least a thing and a certificate"
+                            .into(),
                     ..at()
                 });
                 return Err(problems);
@@ -189,10 +191,7 @@ impl Template {
                 ..at()
             };
             if !RESOURCE_TYPES.contains(&ty) {
-                problems.push(here(format!(
-                    "Type `{ty}` is not one of {}",
-                    RESOURCE_TYPES.join(", ")
-                )));
+                problems.push(here(format!("Type `{ty}` is not one of {}", RESOURCE_TYPES.join(", "))));
                 continue;
             }
             let Some(props) = props else {
@@ -321,7 +320,9 @@ impl Template {
                 Reference::Map(map) => {
                     if mappings.get(&map).is_none() {
                         problems.push(Problem {
-                            message: format!("Fn::FindInMap at {path} names mapping `{map}`, which `Mappings` does not have"),
+                            message: format!(
+                                "Fn::FindInMap at {path} names mapping `{map}`, which `Mappings` does not have"
+                            ),
                             ..at()
                         });
                     }
@@ -337,10 +338,7 @@ impl Template {
 
     /// Columns whose values become attributes, by the parameter mapping.
     pub fn attribute_columns(&self) -> BTreeSet<String> {
-        self.attribute_params
-            .values()
-            .map(|p| column_for_param(p))
-            .collect()
+        self.attribute_params.values().map(|p| column_for_param(p)).collect()
     }
 
     /// Parameters that no column, default or generated value will fill.
@@ -514,7 +512,11 @@ mod tests {
         let err = Template::check("t.json", &body).unwrap_err();
         let p = err.0.iter().find(|p| p.message.contains("`Batch`")).unwrap();
         assert!(p.line.unwrap() > 1);
-        assert!(p.message.contains("Resources.thing.Properties.AttributePayload.lot"), "{}", p.message);
+        assert!(
+            p.message.contains("Resources.thing.Properties.AttributePayload.lot"),
+            "{}",
+            p.message
+        );
     }
 
     #[test]

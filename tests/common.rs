@@ -48,7 +48,10 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 }
 
 pub fn has_openssl() -> bool {
-    Command::new("openssl").arg("version").output().is_ok_and(|o| o.status.success())
+    Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 /// A CSR made by openssl for a key of the given kind (`-newkey` argument).
@@ -65,7 +68,11 @@ pub fn openssl_csr(dir: &Path, name: &str, newkey: &[&str], cn: &str) -> String 
         .args(["-subj", &format!("/CN={cn}")])
         .output()
         .expect("openssl runs");
-    assert!(out.status.success(), "openssl req: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "openssl req: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::read_to_string(csr).unwrap()
 }
 

@@ -31,14 +31,22 @@ fn serve(state: &Path, extra: &[&str]) -> Server {
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
     let url = line.trim().to_string();
-    assert!(url.starts_with("http://127.0.0.1:"), "serve prints its endpoint URL first: {url:?}");
+    assert!(
+        url.starts_with("http://127.0.0.1:"),
+        "serve prints its endpoint URL first: {url:?}"
+    );
     Server { child, url }
 }
 
 fn aws_cli_available() -> bool {
-    Command::new("aws").arg("--version").output().is_ok_and(|o| o.status.success())
+    Command::new("aws")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
 }
 
 fn aws(url: &str, args: &[&str]) -> serde_json::Value {
@@ -51,7 +59,11 @@ fn aws(url: &str, args: &[&str]) -> serde_json::Value {
         .env_remove("AWS_PROFILE")
         .output()
         .expect("aws runs");
-    assert!(out.status.success(), "aws {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "aws {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     if text.trim().is_empty() {
         serde_json::Value::Null
@@ -81,7 +93,19 @@ fn aws_cli_runs_a_whole_bulk_registration() {
         lines.push('\n');
     }
     let input = write(tmp.path(), "lines.ndjson", &lines);
-    aws(url, &["s3api", "put-object", "--bucket", "cli-bucket", "--key", "bulk/lines.ndjson", "--body", input.to_str().unwrap()]);
+    aws(
+        url,
+        &[
+            "s3api",
+            "put-object",
+            "--bucket",
+            "cli-bucket",
+            "--key",
+            "bulk/lines.ndjson",
+            "--body",
+            input.to_str().unwrap(),
+        ],
+    );
     let listed = aws(url, &["s3api", "list-objects-v2", "--bucket", "cli-bucket"]);
     assert_eq!(listed["Contents"][0]["Key"], "bulk/lines.ndjson");
     let mut tv: serde_json::Value = serde_json::from_str(&provline::template::builtin("cli-policy")).unwrap();
@@ -89,13 +113,32 @@ fn aws_cli_runs_a_whole_bulk_registration() {
         tv["Parameters"][param]["Default"] = default.into();
     }
     let template = write(tmp.path(), "template.json", &tv.to_string());
-    aws(url, &["iot", "create-policy", "--policy-name", "cli-policy", "--policy-document", "{\"Version\":\"2012-10-17\",\"Statement\":[]}"]);
-    let started = aws(url, &[
-        "iot", "start-thing-registration-task",
-        "--template-body", &format!("file://{}", template.display()),
-        "--input-file-bucket", "cli-bucket", "--input-file-key", "bulk/lines.ndjson",
-        "--role-arn", "arn:aws:iam::123456789012:role/cli-role",
-    ]);
+    aws(
+        url,
+        &[
+            "iot",
+            "create-policy",
+            "--policy-name",
+            "cli-policy",
+            "--policy-document",
+            "{\"Version\":\"2012-10-17\",\"Statement\":[]}",
+        ],
+    );
+    let started = aws(
+        url,
+        &[
+            "iot",
+            "start-thing-registration-task",
+            "--template-body",
+            &format!("file://{}", template.display()),
+            "--input-file-bucket",
+            "cli-bucket",
+            "--input-file-key",
+            "bulk/lines.ndjson",
+            "--role-arn",
+            "arn:aws:iam::123456789012:role/cli-role",
+        ],
+    );
     let task = started["taskId"].as_str().unwrap().to_string();
     let deadline = Instant::now() + Duration::from_secs(60);
     let described = loop {
@@ -110,7 +153,17 @@ fn aws_cli_runs_a_whole_bulk_registration() {
     assert_eq!(described["percentageProgress"], 100);
     let tasks = aws(url, &["iot", "list-thing-registration-tasks"]);
     assert!(tasks["taskIds"].as_array().unwrap().iter().any(|t| t == task.as_str()));
-    let reports = aws(url, &["iot", "list-thing-registration-task-reports", "--task-id", &task, "--report-type", "RESULTS"]);
+    let reports = aws(
+        url,
+        &[
+            "iot",
+            "list-thing-registration-task-reports",
+            "--task-id",
+            &task,
+            "--report-type",
+            "RESULTS",
+        ],
+    );
     assert_eq!(reports["reportType"], "RESULTS");
     let link = reports["resourceLinks"][0].as_str().unwrap().to_string();
     assert!(link.contains("X-Amz-Signature="), "a pre-signed link: {link}");
@@ -167,7 +220,10 @@ fn pipeline_s3_calls_work_against_moto() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _guard = Server { child, url: String::new() };
+    let _guard = Server {
+        child,
+        url: String::new(),
+    };
     let url = format!("http://127.0.0.1:{port}");
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -183,14 +239,41 @@ fn pipeline_s3_calls_work_against_moto() {
             static_credentials: Some(("test".into(), "test".into())),
         };
         let aws = provline::aws::Aws::connect(&conn).await;
-        provline::sandbox_setup::prepare_account(&aws, "moto-bucket", None).await.unwrap();
+        provline::sandbox_setup::prepare_account(&aws, "moto-bucket", None)
+            .await
+            .unwrap();
         // Twice: the second finds the bucket and does nothing.
-        provline::sandbox_setup::prepare_account(&aws, "moto-bucket", None).await.unwrap();
+        provline::sandbox_setup::prepare_account(&aws, "moto-bucket", None)
+            .await
+            .unwrap();
         let lines = b"{\"ThingName\":\"M-1\",\"CSR\":\"x\"}\n".to_vec();
-        provline::stage::upload(&aws, "moto-bucket", "p/b/attempt-1/registration.ndjson", "p/b/attempt-1/template.json", "{}", lines.clone()).await.unwrap();
-        let got = aws.s3.get_object().bucket("moto-bucket").key("p/b/attempt-1/registration.ndjson").send().await.unwrap();
+        provline::stage::upload(
+            &aws,
+            "moto-bucket",
+            "p/b/attempt-1/registration.ndjson",
+            "p/b/attempt-1/template.json",
+            "{}",
+            lines.clone(),
+        )
+        .await
+        .unwrap();
+        let got = aws
+            .s3
+            .get_object()
+            .bucket("moto-bucket")
+            .key("p/b/attempt-1/registration.ndjson")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(got.body.collect().await.unwrap().into_bytes().to_vec(), lines);
-        let t = aws.s3.get_object().bucket("moto-bucket").key("p/b/attempt-1/template.json").send().await.unwrap();
+        let t = aws
+            .s3
+            .get_object()
+            .bucket("moto-bucket")
+            .key("p/b/attempt-1/template.json")
+            .send()
+            .await
+            .unwrap();
         assert_eq!(t.body.collect().await.unwrap().into_bytes().as_ref(), b"{}");
     });
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::{Config, LineKey, ReportFormat, Sandbox, REPORTS_BUCKET};
+use crate::{Config, Fault, LineKey, ReportFormat, Sandbox, REPORTS_BUCKET};
 
 /// What routes a request to the IoT side (the signature is not checked).
 const IOT_AUTH: &str =
@@ -32,6 +32,13 @@ impl Reply {
 
 /// Sends one request; `url` is an absolute `http://host:port/path?query`.
 async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+    try_send(method, url, headers, body)
+        .await
+        .expect("the connection closed without a response")
+}
+
+/// Like [`send`], but `None` when the connection closes without a response.
+async fn try_send(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Option<Reply> {
     let rest = url.strip_prefix("http://").unwrap();
     let (host, target) = rest.split_at(rest.find('/').unwrap());
     let mut stream = tokio::net::TcpStream::connect(host).await.unwrap();
@@ -49,7 +56,7 @@ async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> 
     stream.read_to_end(&mut raw).await.unwrap();
 
     let raw = String::from_utf8(raw).unwrap();
-    let (head, body) = raw.split_once("\r\n\r\n").unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n")?;
     let mut lines = head.lines();
     let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
     let headers: Vec<(String, String)> = lines
@@ -60,7 +67,7 @@ async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> 
         .iter()
         .any(|(k, v)| k.eq_ignore_ascii_case("transfer-encoding") && v.contains("chunked"));
     let body = if chunked { dechunk(body) } else { body.to_owned() };
-    Reply { status, headers, body }
+    Some(Reply { status, headers, body })
 }
 
 fn dechunk(mut body: &str) -> String {
@@ -467,5 +474,48 @@ async fn report_links_expire() {
     assert_eq!(send("GET", &link, &[], "").await.status, 200);
     tokio::time::sleep(Duration::from_millis(2100)).await;
     assert_eq!(send("GET", &link, &[], "").await.status, 403);
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn injected_faults() {
+    let sandbox = Sandbox::start(Config::default()).await.unwrap();
+    create_policy(&sandbox).await;
+    put_object(&sandbox, "staging", "in.ndjson", &lines(1, "f"));
+
+    sandbox.inject_fault("POST /thing-registration-tasks", Fault::Throttling, 1);
+    let throttled = start_task(&sandbox, "in.ndjson").await;
+    assert_eq!(throttled.status, 400);
+    assert_eq!(throttled.header("x-amzn-errortype"), Some("ThrottlingException"));
+
+    sandbox.inject_fault("GET /things/", Fault::ServiceUnavailable, 1);
+    assert_eq!(iot(&sandbox, "GET", "/things/x", json!({})).await.status, 503);
+    assert_eq!(iot(&sandbox, "GET", "/things/x", json!({})).await.status, 404);
+
+    // The task starts, but its id never reaches the client.
+    sandbox.inject_fault("POST /thing-registration-tasks", Fault::DropResponse, 1);
+    let body = json!({
+        "templateBody": TEMPLATE,
+        "inputFileBucket": "staging",
+        "inputFileKey": "in.ndjson",
+        "roleArn": "arn:aws:iam::123456789012:role/provisioning",
+    });
+    let url = format!("{}/thing-registration-tasks", sandbox.endpoint_url());
+    let lost = try_send("POST", &url, &[("Authorization", IOT_AUTH)], &body.to_string()).await;
+    assert!(lost.is_none());
+    let listed = iot(&sandbox, "GET", "/thing-registration-tasks", json!({}))
+        .await
+        .json();
+    assert_eq!(listed["taskIds"].as_array().unwrap().len(), 1);
+
+    sandbox.inject_fault("", Fault::DropConnection, 1);
+    assert!(try_send(
+        "GET",
+        &format!("{}/things", sandbox.endpoint_url()),
+        &[("Authorization", IOT_AUTH)],
+        ""
+    )
+    .await
+    .is_none());
     sandbox.shutdown().await.unwrap();
 }

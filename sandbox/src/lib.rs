@@ -61,6 +61,7 @@
 mod ca;
 #[cfg(test)]
 mod e2e_tests;
+mod faults;
 mod ids;
 mod iot;
 mod s3;
@@ -75,6 +76,8 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::sync::watch;
+
+pub use faults::Fault;
 use tokio::task::JoinHandle;
 
 /// The access key id clients must sign with (any other key `K` is accepted
@@ -278,6 +281,7 @@ pub(crate) struct Shared {
     pub(crate) store: state::Store,
     pub(crate) ca: ca::SandboxCa,
     pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) faults: faults::Faults,
     /// Background bulk-task engines, awaited on shutdown.
     pub(crate) engines: std::sync::Mutex<Vec<JoinHandle<()>>>,
 }
@@ -346,6 +350,7 @@ impl Sandbox {
             store: state::Store::new(state, state_path),
             ca,
             shutdown: shutdown_rx,
+            faults: faults::Faults::default(),
             engines: std::sync::Mutex::new(Vec::new()),
         });
         shared.store.persist().await?;
@@ -377,6 +382,16 @@ impl Sandbox {
     /// The directory holding the sandbox's state.
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
+    }
+
+    /// Makes the next `times` IoT requests whose `METHOD /path` starts with
+    /// `request_prefix` fail with `fault` (an empty prefix matches every
+    /// request). For example `("POST /thing-registration-tasks",
+    /// Fault::DropResponse, 1)` starts a task but loses the answer, and
+    /// `("GET /thing-registration-tasks/", Fault::Throttling, 3)` throttles
+    /// the next three Describe or ListReports calls.
+    pub fn inject_fault(&self, request_prefix: &str, fault: Fault, times: usize) {
+        self.shared.faults.arm(request_prefix, fault, times);
     }
 
     /// Stops accepting requests, lets open connections finish, stops the bulk

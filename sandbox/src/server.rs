@@ -1,7 +1,6 @@
 //! The listener: one HTTP/1 server that routes each request to the IoT
 //! emulation or to S3 by the service named in its SigV4 credential scope.
 
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +12,7 @@ use s3s::Body;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
+use crate::iot::Dropped;
 use crate::Shared;
 
 /// How long open connections get to finish once shutdown starts.
@@ -54,11 +54,11 @@ fn target_of<B>(req: &Request<B>) -> Target {
     }
 }
 
-async fn handle(shared: Arc<Shared>, s3: S3Service, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(shared: Arc<Shared>, s3: S3Service, req: Request<Incoming>) -> Result<Response<Body>, Dropped> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
     let response = match target_of(&req) {
-        Target::Iot => crate::iot::handle(&shared, req).await,
+        Target::Iot => crate::iot::handle(&shared, req).await?,
         Target::S3 => match s3.call(req.map(Body::from)).await {
             Ok(response) => response,
             Err(e) => {

@@ -490,8 +490,10 @@ fn list_things(shared: &Shared, req: &ApiRequest) -> Result<Value, ApiError> {
     let attribute_value = req.query("attributeValue");
     let prefix = req.query_bool("usePrefixAttributeValue")?.unwrap_or(false);
     let thing_type = req.query("thingTypeName");
-    let things: Vec<Value> = shared.store.read(|state| {
-        state
+    let token = req.query("nextToken");
+    let size = req.query_int("maxResults")?;
+    let (things, next) = shared.store.read(|state| {
+        let matching: Vec<&Thing> = state
             .things
             .values()
             .filter(|t| thing_type.is_none_or(|tt| t.thing_type_name.as_deref() == Some(tt)))
@@ -503,6 +505,11 @@ fn list_things(shared: &Shared, req: &ApiRequest) -> Result<Value, ApiError> {
                 (Some(n), None) => t.attributes.contains_key(n),
                 _ => true,
             })
+            .collect();
+        // Only the page is rendered: registries can hold many things.
+        let (things, next) = page(matching, token, size, 50, 250)?;
+        let things: Vec<Value> = things
+            .into_iter()
             .map(|t| {
                 let mut out = json!({
                     "thingName": t.thing_name,
@@ -515,9 +522,9 @@ fn list_things(shared: &Shared, req: &ApiRequest) -> Result<Value, ApiError> {
                 }
                 out
             })
-            .collect()
-    });
-    let (things, next) = page(things, req.query("nextToken"), req.query_int("maxResults")?, 50, 250)?;
+            .collect();
+        Ok::<_, ApiError>((things, next))
+    })?;
     Ok(json!({ "things": things, "nextToken": next }))
 }
 
@@ -994,28 +1001,29 @@ fn describe_certificate(shared: &Shared, id: &str) -> Result<Value, ApiError> {
 
 fn list_certificates(shared: &Shared, req: &ApiRequest) -> Result<Value, ApiError> {
     let ascending = req.query_bool("isAscendingOrder")?.unwrap_or(false);
-    let mut certs: Vec<(u64, Value)> = shared.store.read(|state| {
-        state
-            .certificates
-            .values()
+    let token = req.query("marker");
+    let size = req.query_int("pageSize")?;
+    let (certs, next) = shared.store.read(|state| {
+        let mut certs: Vec<&Certificate> = state.certificates.values().collect();
+        certs.sort_by_key(|c| c.seq);
+        if !ascending {
+            certs.reverse();
+        }
+        let (certs, next) = page(certs, token, size, 25, 250)?;
+        let certs: Vec<Value> = certs
+            .into_iter()
             .map(|c| {
-                let summary = json!({
+                json!({
                     "certificateArn": c.certificate_arn,
                     "certificateId": c.certificate_id,
                     "status": c.status,
                     "certificateMode": "DEFAULT",
                     "creationDate": c.creation_date,
-                });
-                (c.seq, summary)
+                })
             })
-            .collect()
-    });
-    certs.sort_by_key(|(seq, _)| *seq);
-    if !ascending {
-        certs.reverse();
-    }
-    let certs = certs.into_iter().map(|(_, c)| c).collect();
-    let (certs, next) = page(certs, req.query("marker"), req.query_int("pageSize")?, 25, 250)?;
+            .collect();
+        Ok::<_, ApiError>((certs, next))
+    })?;
     Ok(json!({ "certificates": certs, "nextMarker": next }))
 }
 

@@ -13,7 +13,7 @@ use s3s::Body;
 
 use std::sync::Arc;
 
-use crate::Shared;
+use crate::{Fault, Shared};
 
 /// An IoT API error: the modelled error code, which fixes the HTTP status,
 /// and a message.
@@ -97,10 +97,34 @@ impl std::fmt::Display for ApiError {
     }
 }
 
-/// Handles one IoT request.
-pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+/// The connection must be closed without a response (an injected fault).
+#[derive(Debug, thiserror::Error)]
+#[error("connection dropped by an injected fault")]
+pub(crate) struct Dropped;
+
+/// Handles one IoT request, with any fault armed for it.
+pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Dropped> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    let fault = shared.faults.take(method.as_str(), &path);
+    if let Some(fault) = fault {
+        tracing::debug!(%method, %path, ?fault, "injecting a fault");
+    }
+    let error = match fault {
+        None => return Ok(respond(shared, req, &method, &path).await),
+        Some(Fault::DropConnection) => return Err(Dropped),
+        Some(Fault::DropResponse) => {
+            respond(shared, req, &method, &path).await;
+            return Err(Dropped);
+        }
+        Some(Fault::Throttling) => ApiError::new("ThrottlingException", "Rate exceeded"),
+        Some(Fault::ServiceUnavailable) => ApiError::new("ServiceUnavailableException", "Service unavailable"),
+        Some(Fault::InternalFailure) => ApiError::internal("Internal failure"),
+    };
+    Ok(error.into_response())
+}
+
+async fn respond(shared: &Arc<Shared>, req: Request<Incoming>, method: &http::Method, path: &str) -> Response<Body> {
     match api::dispatch(shared, req).await {
         Ok(body) => {
             let mut response = Response::new(Body::from(body.to_string()));
