@@ -80,6 +80,9 @@ pub struct AwsArgs {
     /// Sandbox only: lines a bulk task processes per second.
     #[arg(long, default_value_t = 2000.0, hide = true)]
     pub sandbox_lines_per_second: f64,
+    /// Sandbox only: faults to inject, e.g. `throttle=0.1,5xx=0.05,fail-after-cert=0.02`.
+    #[arg(long, hide = true)]
+    pub sandbox_faults: Option<provline_sandbox::FaultPlan>,
 }
 
 #[derive(Args, Debug)]
@@ -177,6 +180,11 @@ pub enum SandboxCommand {
         report_format: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Faults to inject: throttle=SHARE, 5xx=SHARE, drop=SHARE, drop-response=SHARE,
+        /// slow=FACTOR, fail-after-cert=SHARE, exit-after-lines=N (comma-separated);
+        /// also settable at run time with PUT /_sandbox/faults.
+        #[arg(long)]
+        faults: Option<provline_sandbox::FaultPlan>,
     },
 }
 
@@ -268,6 +276,7 @@ impl Endpoint {
             state_dir: Some(out.join(".sandbox")),
             lines_per_second: args.sandbox_lines_per_second,
             report_format,
+            faults: args.sandbox_faults.clone().unwrap_or_default(),
             ..Default::default()
         };
         let sb = provline_sandbox::Sandbox::start(config)
@@ -561,6 +570,7 @@ async fn sandbox_command(command: SandboxCommand) -> Result<i32> {
             lines_per_second,
             report_format,
             seed,
+            faults,
         } => {
             let config = provline_sandbox::Config {
                 addr,
@@ -570,6 +580,7 @@ async fn sandbox_command(command: SandboxCommand) -> Result<i32> {
                     .parse()
                     .map_err(|e| Error::config(format!("--report-format: {e}")))?,
                 seed,
+                faults: faults.unwrap_or_default(),
                 ..Default::default()
             };
             let sb = provline_sandbox::Sandbox::start(config)

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod crypto;
 pub mod csr;
 pub mod error;
+pub mod failpoint;
 pub mod ingest;
 pub mod keygen;
 pub mod ledger;

@@ -4,6 +4,7 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
+use aws_sdk_iot::config::retry::RetryConfig;
 use aws_sdk_iot::types::Status;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
@@ -110,37 +111,62 @@ pub async fn wait_for_account(aws: &Aws, deadline: Instant) -> Result<()> {
     }
 }
 
-/// Starts the task. Throttling and server errors are retried by the SDK; a
-/// 4xx while another task is listed as running means "account busy".
+/// Starts the task, exactly once.
+///
+/// StartThingRegistrationTask is not idempotent: a retry after a lost
+/// response would start a second task on the same lines and give every
+/// device a second certificate. So the SDK's own retries are off for this
+/// call, and after any failure the task is first looked for by its input
+/// key; only when there is none is the call made again. A 4xx while another
+/// task is listed as running means "account busy", whatever its message says.
 pub async fn start(aws: &Aws, template: &str, bucket: &str, key: &str, role_arn: &str) -> Result<String> {
-    let out = aws
-        .iot
-        .start_thing_registration_task()
-        .template_body(template)
-        .input_file_bucket(bucket)
-        .input_file_key(key)
-        .role_arn(role_arn)
-        .send()
-        .await;
-    match out {
-        Ok(o) => o
-            .task_id()
-            .map(String::from)
-            .ok_or_else(|| Error::infra("StartThingRegistrationTask returned no task id")),
-        Err(e) => {
-            let text = describe(&e);
-            if !is_service_side(&e) {
-                let running = running_tasks(aws).await.unwrap_or_default();
-                if !running.is_empty() {
-                    return Err(Error::infra(format!(
-                        "the account is busy with task {} ({text}); run `provline resume` later",
-                        running.join(", ")
-                    )));
-                }
-                return Err(Error::config(format!("StartThingRegistrationTask was refused: {text}")));
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let out = aws
+            .iot
+            .start_thing_registration_task()
+            .template_body(template)
+            .input_file_bucket(bucket)
+            .input_file_key(key)
+            .role_arn(role_arn)
+            .customize()
+            .config_override(aws_sdk_iot::config::Builder::default().retry_config(RetryConfig::disabled()))
+            .send()
+            .await;
+        let err = match out {
+            Ok(o) => {
+                return o
+                    .task_id()
+                    .map(String::from)
+                    .ok_or_else(|| Error::infra("StartThingRegistrationTask returned no task id"))
             }
-            Err(Error::infra(format!("StartThingRegistrationTask failed: {text}")))
+            Err(e) => e,
+        };
+        let text = describe(&err);
+        // Whatever went wrong, the call may have been carried out.
+        if let Some(id) = find_task_by_input(aws, bucket, key).await? {
+            tracing::info!(task_id = %id, error = %text, "the start call failed, but its task exists; following it");
+            return Ok(id);
         }
+        if is_service_side(&err) {
+            if tries >= 6 {
+                return Err(Error::infra(format!(
+                    "StartThingRegistrationTask failed {tries} times: {text}"
+                )));
+            }
+            tracing::warn!(error = %text, tries, "StartThingRegistrationTask failed; no task was started; trying again");
+            tokio::time::sleep(backoff(tries, Duration::from_millis(500), Duration::from_secs(20))).await;
+            continue;
+        }
+        let running = running_tasks(aws).await.unwrap_or_default();
+        if !running.is_empty() {
+            return Err(Error::infra(format!(
+                "the account is busy with task {} ({text}); run `provline resume` later",
+                running.join(", ")
+            )));
+        }
+        return Err(Error::config(format!("StartThingRegistrationTask was refused: {text}")));
     }
 }
 
@@ -170,6 +196,7 @@ pub async fn follow(aws: &Aws, task_id: &str, lines: u64, deadline: Instant) -> 
             }
             Err(e) => break Err(Error::infra(format!("describing task {task_id}: {}", describe(&e)))),
         };
+        crate::failpoint::hit("polling");
         let status = d.status().map(|s| s.as_str().to_string()).unwrap_or_default();
         let progress = d.percentage_progress();
         bar.set_position(progress.clamp(0, 100) as u64);

@@ -468,7 +468,9 @@ fn keygen_stage(ledger: &mut Ledger, ws: &Workspace, s: &Settings, t: &mut Timin
             .filter_map(|r| keys.get(&r.thing_name).map(|k| (r.thing_name.clone(), k)))
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
+        crate::failpoint::hit("keygen");
         store_keys(ws, &all)?;
+        crate::failpoint::hit("persist");
         t.add("persist", started);
         tracing::info!(batch = %ws.batch, generated = need.len(), "keys generated and persisted");
     }
@@ -524,6 +526,7 @@ pub async fn continue_batch(
         .into_iter()
         .filter_map(|a| a.task_id)
         .collect();
+    crate::failpoint::hit("report");
     let mut summary = write_reports(ledger, ws, &task_ids, &t)?;
     t.add("report", started);
     summary.stage_seconds = t.0.clone();
@@ -647,8 +650,10 @@ async fn run_attempt(
         problems.into_result()?;
         write_durable(&staged_path, &buf, 0o600)
             .map_err(|e| Error::infra(format!("{}: {e}", staged_path.display())))?;
+        crate::failpoint::hit("stage");
         let tkey = template_key(s, &ws.batch, attempt.attempt);
         crate::stage::upload(aws, &attempt.s3_bucket, &attempt.s3_key, &tkey, &s.template_body, buf).await?;
+        crate::failpoint::hit("upload");
         ledger.set_uploaded(&ws.batch, attempt.attempt)?;
         attempt.uploaded = true;
         t.add("stage", started);
@@ -673,6 +678,7 @@ async fn run_attempt(
             }
             None => {
                 crate::register::wait_for_account(aws, deadline).await?;
+                crate::failpoint::hit("before-start");
                 let id =
                     crate::register::start(aws, &s.template_body, &attempt.s3_bucket, &attempt.s3_key, &s.role_arn)
                         .await?;
@@ -680,6 +686,7 @@ async fn run_attempt(
                 id
             }
         };
+        crate::failpoint::hit("after-start");
         ledger.set_task(&ws.batch, attempt.attempt, &id)?;
         ledger.set_state(&ws.batch, &things, state::SUBMITTED, None)?;
         attempt.task_id = Some(id);
@@ -687,6 +694,7 @@ async fn run_attempt(
     let task_id = attempt.task_id.clone().expect("set above");
     if !attempt.task_status.as_deref().is_some_and(crate::register::is_terminal) {
         let end = crate::register::follow(aws, &task_id, lines, deadline).await?;
+        crate::failpoint::hit("task-end");
         ledger.set_task_end(
             &ws.batch,
             attempt.attempt,
@@ -713,6 +721,7 @@ async fn run_attempt(
     let reports_dir = ws.reports_dir(&task_id);
     if !attempt.reports_done {
         crate::reports::fetch_all(aws, &task_id, &reports_dir).await?;
+        crate::failpoint::hit("reports");
         ledger.set_reports_done(&ws.batch, attempt.attempt)?;
     }
     let (results, errors) = crate::reports::read_saved(&reports_dir)?;
@@ -754,6 +763,7 @@ async fn run_attempt(
         outcomes.push(outcome(&dev.thing_name, verdict));
     }
     ledger.record_outcomes(&ws.batch, &outcomes)?;
+    crate::failpoint::hit("reconciled");
     ledger.set_reconciled(&ws.batch, attempt.attempt)?;
     t.add("reconcile", started);
     Ok(())
@@ -838,7 +848,10 @@ async fn bundle_stage(
             batch: &ws.batch,
         };
         match write_bundle(ws, &input) {
-            Ok(_) => done.push(r.thing_name.clone()),
+            Ok(_) => {
+                crate::failpoint::hit("bundle");
+                done.push(r.thing_name.clone())
+            }
             Err(e) => {
                 tracing::error!(thing = %r.thing_name, "{e}");
                 failures.push(outcome(
@@ -852,6 +865,7 @@ async fn bundle_stage(
         }
     }
     crate::workspace::sync_dir(&ws.bundles()).map_err(|e| Error::infra(format!("{}: {e}", ws.bundles().display())))?;
+    crate::failpoint::hit("bundled");
     ledger.set_state(&ws.batch, &done, state::BUNDLED, None)?;
     ledger.record_outcomes(&ws.batch, &failures)?;
     t.add("bundle", started);

@@ -2,6 +2,7 @@
 
 mod cases;
 mod common;
+mod crash;
 mod pipeline;
 mod sandbox_cli;
 mod sandbox_sdk;

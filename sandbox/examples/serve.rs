@@ -5,8 +5,15 @@
 //! cargo run -p provline-sandbox --example serve -- [STATE_DIR] [PORT]
 //! ```
 //!
-//! Set `PROVLINE_SANDBOX_REPORT_FORMAT` (for example `offset:0,legacy`) and
-//! `PROVLINE_SANDBOX_LINES_PER_SECOND` to try other behaviours.
+//! Set `PROVLINE_SANDBOX_REPORT_FORMAT` (for example `offset:0,legacy`),
+//! `PROVLINE_SANDBOX_LINES_PER_SECOND` and `PROVLINE_SANDBOX_FAULTS` (for
+//! example `throttle=0.1,5xx=0.05,slow=4`) to try other behaviours. The
+//! fault plan can also be changed while it runs:
+//!
+//! ```text
+//! curl -X PUT --data 'drop=0.05,fail-after-cert=0.02' http://127.0.0.1:PORT/_sandbox/faults
+//! curl http://127.0.0.1:PORT/_sandbox/stats
+//! ```
 
 use provline_sandbox::{Config, Sandbox, ACCESS_KEY_ID, SECRET_ACCESS_KEY};
 
@@ -25,6 +32,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Ok(rate) = std::env::var("PROVLINE_SANDBOX_LINES_PER_SECOND") {
         config.lines_per_second = rate.parse()?;
+    }
+    if let Ok(faults) = std::env::var("PROVLINE_SANDBOX_FAULTS") {
+        config.faults = faults.parse()?;
     }
 
     let sandbox = Sandbox::start(config).await?;

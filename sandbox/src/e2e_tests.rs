@@ -5,7 +5,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::{Config, Fault, LineKey, ReportFormat, Sandbox, REPORTS_BUCKET};
+use crate::{Config, Fault, FaultPlan, LineKey, ReportFormat, Sandbox, FAULT_EXIT_CODE, REPORTS_BUCKET};
 
 /// What routes a request to the IoT side (the signature is not checked).
 const IOT_AUTH: &str =
@@ -517,5 +517,436 @@ async fn injected_faults() {
     )
     .await
     .is_none());
+    sandbox.shutdown().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------
+// Fault plans and the admin endpoint
+
+async fn admin(sandbox: &Sandbox, method: &str, path: &str, body: &str) -> Reply {
+    send(method, &format!("{}{path}", sandbox.endpoint_url()), &[], body).await
+}
+
+fn plan(spec: &str) -> FaultPlan {
+    spec.parse().unwrap()
+}
+
+#[tokio::test]
+async fn planned_call_faults() {
+    let config = Config {
+        faults: plan("throttle=1"),
+        ..Config::default()
+    };
+    let sandbox = Sandbox::start(config).await.unwrap();
+    for _ in 0..5 {
+        let throttled = iot(&sandbox, "POST", "/things/t1", json!({})).await;
+        assert_eq!(throttled.status, 400);
+        assert_eq!(throttled.header("x-amzn-errortype"), Some("ThrottlingException"));
+        assert_eq!(throttled.json()["message"], "Rate exceeded");
+    }
+    // Neither S3 nor the admin endpoint is throttled.
+    // (S3 refuses the unsigned request itself: AccessDenied, not throttling.)
+    put_object(&sandbox, "staging", "k", "v");
+    let s3 = send("GET", &format!("{}/staging/k", sandbox.endpoint_url()), &[], "").await;
+    assert_eq!(s3.status, 403, "{}", s3.body);
+    assert!(s3.body.contains("AccessDenied"), "{}", s3.body);
+    assert_eq!(s3.header("x-amzn-errortype"), None);
+    assert_eq!(admin(&sandbox, "GET", "/_sandbox/stats", "").await.status, 200);
+
+    sandbox.set_faults(FaultPlan::default()).unwrap();
+    let missing = iot(&sandbox, "GET", "/things/t1", json!({})).await;
+    assert_eq!(missing.status, 404, "a throttled call is not carried out");
+
+    sandbox.set_faults(plan("5xx=1")).unwrap();
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let failed = iot(&sandbox, "GET", "/things", json!({})).await;
+        let kind = failed.header("x-amzn-errortype").unwrap().to_owned();
+        match failed.status {
+            500 => assert_eq!(kind, "InternalFailureException"),
+            503 => assert_eq!(kind, "ServiceUnavailableException"),
+            other => panic!("status {other}"),
+        }
+        seen.insert(failed.status);
+    }
+    assert_eq!(seen.len(), 2, "both 500 and 503");
+
+    let url = format!("{}/things/t2", sandbox.endpoint_url());
+    sandbox.set_faults(plan("drop=1")).unwrap();
+    assert!(try_send("POST", &url, &[("Authorization", IOT_AUTH)], "{}")
+        .await
+        .is_none());
+    sandbox.set_faults(plan("drop-response=1")).unwrap();
+    assert!(try_send("POST", &url, &[("Authorization", IOT_AUTH)], "{}")
+        .await
+        .is_none());
+    sandbox.set_faults(FaultPlan::default()).unwrap();
+    assert_eq!(
+        iot(&sandbox, "GET", "/things/t2", json!({})).await.status,
+        200,
+        "a dropped response's call was carried out"
+    );
+
+    let stats = sandbox.stats();
+    assert_eq!(
+        stats["faults_injected"],
+        json!({"throttle": 5, "5xx": 20, "drop": 1, "drop_response": 1, "fail_after_cert": 0})
+    );
+    assert_eq!(stats["calls"]["CreateThing"], 7);
+    assert_eq!(stats["calls"]["ListThings"], 20);
+    assert_eq!(stats["calls"]["DescribeThing"], 2);
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn call_shares_are_reproducible() {
+    let run = || async {
+        let config = Config {
+            seed: 42,
+            faults: plan("throttle=0.3,5xx=0.2"),
+            ..Config::default()
+        };
+        let sandbox = Sandbox::start(config).await.unwrap();
+        let mut statuses = Vec::new();
+        for _ in 0..40 {
+            statuses.push(iot(&sandbox, "GET", "/things", json!({})).await.status);
+        }
+        sandbox.shutdown().await.unwrap();
+        statuses
+    };
+    let first = run().await;
+    assert_eq!(first, run().await);
+    assert!(first.contains(&200) && first.contains(&400) && first.iter().any(|s| *s >= 500));
+}
+
+#[tokio::test]
+async fn fail_after_certificate_leaves_attached_certificates() {
+    let config = Config {
+        lines_per_second: 0.0,
+        faults: plan("fail-after-cert=0.5"),
+        seed: 5,
+        ..Config::default()
+    };
+    let sandbox = Sandbox::start(config).await.unwrap();
+    create_policy(&sandbox).await;
+    let mut input = lines(40, "late");
+    input.push_str("not json\n");
+    put_object(&sandbox, "staging", "in.ndjson", &input);
+    let task_id = start_task(&sandbox, "in.ndjson").await.json()["taskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let task = wait_for_status(&sandbox, &task_id, "Completed").await;
+
+    let stats = sandbox.stats();
+    let late = stats["fail_after_cert_lines"].as_array().unwrap().clone();
+    assert!(
+        late.len() > 5 && late.len() < 35,
+        "{} of 40 lines failed late",
+        late.len()
+    );
+    assert_eq!(stats["faults_injected"]["fail_after_cert"], late.len());
+    assert_eq!(task["failureCount"], late.len() + 1, "the chosen lines and the bad one");
+    assert_eq!(task["successCount"], 40 - late.len());
+
+    let errors = report(&sandbox, &task_id, "ERRORS").await;
+    let late_errors: Vec<&Value> = errors
+        .iter()
+        .filter(|e| {
+            e["errorMessage"]
+                .as_str()
+                .unwrap()
+                .starts_with("InternalFailureException: ")
+        })
+        .collect();
+    assert_eq!(late_errors.len(), late.len());
+    for (error, record) in late_errors.iter().zip(&late) {
+        assert_eq!(record["task_id"], task_id.as_str());
+        assert_eq!(error["lineNumber"], record["line_index"].as_u64().unwrap() + 1);
+        let thing = record["thing_name"].as_str().unwrap();
+        let certificate_id = record["certificate_id"].as_str().unwrap();
+
+        let cert = iot(&sandbox, "GET", &format!("/certificates/{certificate_id}"), json!({})).await;
+        assert_eq!(cert.status, 200);
+        assert_eq!(cert.json()["certificateDescription"]["status"], "ACTIVE");
+        let principals = iot(&sandbox, "GET", &format!("/things/{thing}/principals"), json!({}))
+            .await
+            .json();
+        let arn = cert.json()["certificateDescription"]["certificateArn"].clone();
+        assert_eq!(
+            principals["principals"],
+            json!([arn]),
+            "the certificate is attached to {thing}"
+        );
+    }
+    let results = report(&sandbox, &task_id, "RESULTS").await;
+    assert_eq!(results.len(), 40 - late.len());
+
+    // Report downloads are S3: a fully throttled IoT side does not touch them.
+    let path = format!("/thing-registration-tasks/{task_id}/reports?reportType=RESULTS");
+    let links = iot(&sandbox, "GET", &path, json!({})).await.json();
+    sandbox.set_faults(plan("throttle=0.5,drop=0.5")).unwrap();
+    let link = links["resourceLinks"][0].as_str().unwrap();
+    for _ in 0..5 {
+        assert_eq!(send("GET", link, &[], "").await.status, 200);
+    }
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn slow_factor_changes_a_running_task() {
+    let config = Config {
+        lines_per_second: 1000.0,
+        faults: plan("slow=1000"),
+        ..Config::default()
+    };
+    let sandbox = Sandbox::start(config).await.unwrap();
+    create_policy(&sandbox).await;
+    put_object(&sandbox, "staging", "in.ndjson", &lines(50, "s"));
+    let task_id = start_task(&sandbox, "in.ndjson").await.json()["taskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let slow = describe(&sandbox, &task_id).await;
+    assert!(slow["successCount"].as_u64().unwrap() <= 1, "one line a second: {slow}");
+
+    let reply = admin(&sandbox, "PUT", "/_sandbox/faults", "").await;
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    let task = wait_for_status(&sandbox, &task_id, "Completed").await;
+    assert_eq!(task["successCount"], 50);
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn admin_endpoint_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        state_dir: Some(dir.path().to_owned()),
+        lines_per_second: 0.0,
+        ..Config::default()
+    };
+    let sandbox = Sandbox::start(config.clone()).await.unwrap();
+
+    let none = admin(&sandbox, "GET", "/_sandbox/faults", "").await;
+    assert_eq!(none.status, 200);
+    assert_eq!(none.header("content-type"), Some("application/json"));
+    assert_eq!(
+        serde_json::from_value::<FaultPlan>(none.json()).unwrap(),
+        FaultPlan::default()
+    );
+
+    let spec = "throttle=0.1,5xx=0.05,drop=0.02,drop-response=0.01,slow=4,fail-after-cert=0.02,exit-after-lines=500";
+    let put = admin(&sandbox, "PUT", "/_sandbox/faults", spec).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(put.header("x-sandbox-faults"), Some(spec));
+    let got = admin(&sandbox, "GET", "/_sandbox/faults", "").await;
+    assert_eq!(
+        got.json(),
+        json!({
+            "throttle_share": 0.1,
+            "error_share": 0.05,
+            "drop_share": 0.02,
+            "drop_response_share": 0.01,
+            "slow_factor": 4.0,
+            "fail_after_certificate_share": 0.02,
+            "exit_after_lines": 500,
+        })
+    );
+    assert_eq!(sandbox.faults(), plan(spec));
+
+    // JSON works too; what is left out is off.
+    let put = admin(&sandbox, "PUT", "/_sandbox/faults", r#"{"drop_share": 0.25}"#).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(put.header("x-sandbox-faults"), Some("drop=0.25"));
+    assert_eq!(
+        serde_json::from_value::<FaultPlan>(admin(&sandbox, "GET", "/_sandbox/faults", "").await.json()).unwrap(),
+        plan("drop=0.25")
+    );
+
+    // A bad plan is refused and the old one stays.
+    let bad = admin(&sandbox, "PUT", "/_sandbox/faults", "throttle=0.1,jitter=2").await;
+    assert_eq!(bad.status, 400);
+    let message = bad.json()["message"].as_str().unwrap().to_owned();
+    assert!(
+        message.contains("`jitter`") && message.contains("exit-after-lines"),
+        "{message}"
+    );
+    let bad_json = admin(&sandbox, "PUT", "/_sandbox/faults", r#"{"drop_share": 2}"#).await;
+    assert_eq!(bad_json.status, 400);
+    assert_eq!(sandbox.faults(), plan("drop=0.25"));
+
+    assert_eq!(admin(&sandbox, "POST", "/_sandbox/faults", "").await.status, 405);
+    assert_eq!(admin(&sandbox, "PUT", "/_sandbox/stats", "").await.status, 405);
+    assert_eq!(admin(&sandbox, "GET", "/_sandbox/nothing", "").await.status, 404);
+    assert_eq!(admin(&sandbox, "PUT", "/_sandbox/faults", "none").await.status, 200);
+    assert!(sandbox.faults().is_none());
+
+    // Stats: one task, some calls.
+    create_policy(&sandbox).await;
+    put_object(&sandbox, "staging", "in.ndjson", &lines(3, "a"));
+    let task_id = start_task(&sandbox, "in.ndjson").await.json()["taskId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    wait_for_status(&sandbox, &task_id, "Completed").await;
+    let stats = admin(&sandbox, "GET", "/_sandbox/stats", "").await.json();
+    assert_eq!(stats["tasks_started"], 1);
+    assert_eq!(stats["calls"]["StartThingRegistrationTask"], 1);
+    assert_eq!(stats["calls"]["CreatePolicy"], 1);
+    assert!(stats["calls"]["DescribeThingRegistrationTask"].as_u64().unwrap() >= 1);
+    assert_eq!(
+        stats["faults_injected"],
+        json!({"throttle": 0, "5xx": 0, "drop": 0, "drop_response": 0, "fail_after_cert": 0})
+    );
+    assert_eq!(stats["lines_processed"], 3);
+    assert_eq!(stats["fail_after_cert_lines"], json!([]));
+    assert_eq!(sandbox.stats(), stats);
+    sandbox.shutdown().await.unwrap();
+
+    // tasks_started survives a restart; the rest is per process.
+    let sandbox = Sandbox::start(config).await.unwrap();
+    let stats = admin(&sandbox, "GET", "/_sandbox/stats", "").await.json();
+    assert_eq!(stats["tasks_started"], 1);
+    assert_eq!(stats["calls"], json!({}));
+    assert_eq!(stats["lines_processed"], 0);
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn every_routed_operation_is_named() {
+    let sandbox = Sandbox::start(Config::default()).await.unwrap();
+    let requests = [
+        ("POST", "/thing-registration-tasks"),
+        ("GET", "/thing-registration-tasks"),
+        ("GET", "/thing-registration-tasks/x"),
+        ("PUT", "/thing-registration-tasks/x/cancel"),
+        ("GET", "/thing-registration-tasks/x/reports"),
+        ("GET", "/endpoint"),
+        ("GET", "/things"),
+        ("POST", "/things/x"),
+        ("GET", "/things/x"),
+        ("PATCH", "/things/x"),
+        ("PUT", "/things/x/principals"),
+        ("DELETE", "/things/x/principals"),
+        ("GET", "/things/x/principals"),
+        ("GET", "/things/x/thing-groups"),
+        ("DELETE", "/things/x"),
+        ("GET", "/principals/things"),
+        ("GET", "/thing-types"),
+        ("POST", "/thing-types/x"),
+        ("GET", "/thing-types/x"),
+        ("POST", "/thing-types/x/deprecate"),
+        ("GET", "/thing-groups"),
+        ("PUT", "/thing-groups/addThingToThingGroup"),
+        ("POST", "/thing-groups/x"),
+        ("GET", "/thing-groups/x"),
+        ("POST", "/billing-groups/x"),
+        ("GET", "/billing-groups/x"),
+        ("GET", "/policies"),
+        ("POST", "/policies/x"),
+        ("GET", "/policies/x"),
+        ("PUT", "/target-policies/x"),
+        ("POST", "/target-policies/x"),
+        ("POST", "/attached-policies/x"),
+        ("POST", "/policy-targets/x"),
+        ("DELETE", "/policies/x"),
+        ("POST", "/certificates"),
+        ("GET", "/certificates"),
+        ("GET", "/certificates/x"),
+        ("PUT", "/certificates/x"),
+        ("DELETE", "/certificates/x"),
+        ("POST", "/certificate/register"),
+        ("POST", "/certificate/register-no-ca"),
+        ("GET", "/registrationcode"),
+        ("POST", "/cacertificate"),
+        ("GET", "/cacertificates"),
+        ("GET", "/cacertificate/x"),
+        ("PUT", "/cacertificate/x"),
+    ];
+    for (method, path) in requests {
+        let reply = iot(&sandbox, method, path, json!({})).await;
+        assert_ne!(
+            reply.header("x-amzn-errortype"),
+            Some("UnknownOperationException"),
+            "{method} {path}"
+        );
+    }
+    let calls = sandbox.stats()["calls"].as_object().unwrap().clone();
+    assert_eq!(calls.len(), requests.len(), "one name each: {calls:?}");
+    assert!(calls.values().all(|n| *n == 1));
+    assert!(!calls.contains_key("UnknownOperation"));
+
+    let unknown = iot(&sandbox, "GET", "/nothing", json!({})).await;
+    assert_eq!(unknown.header("x-amzn-errortype"), Some("UnknownOperationException"));
+    assert_eq!(sandbox.stats()["calls"]["UnknownOperation"], 1);
+    sandbox.shutdown().await.unwrap();
+}
+
+/// Environment variable that makes [`exit_after_lines_child`] run: the
+/// state directory to use.
+const EXIT_CHILD_ENV: &str = "PROVLINE_SANDBOX_EXIT_CHILD_STATE";
+const EXIT_LINES: usize = 7;
+const EXIT_TOTAL: usize = 20;
+
+/// The child of [`exit_after_lines_exits_and_resumes`]: a sandbox whose task
+/// is cut short by the process exit. Does nothing when run on its own.
+#[tokio::test]
+#[ignore = "run by exit_after_lines_exits_and_resumes in a child process"]
+async fn exit_after_lines_child() {
+    let Some(dir) = std::env::var_os(EXIT_CHILD_ENV) else {
+        return;
+    };
+    let config = Config {
+        state_dir: Some(dir.into()),
+        lines_per_second: 0.0,
+        faults: plan(&format!("exit-after-lines={EXIT_LINES}")),
+        ..Config::default()
+    };
+    let sandbox = Sandbox::start(config).await.unwrap();
+    create_policy(&sandbox).await;
+    put_object(&sandbox, "staging", "in.ndjson", &lines(EXIT_TOTAL, "x"));
+    let started = start_task(&sandbox, "in.ndjson").await;
+    assert_eq!(started.status, 200, "{}", started.body);
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    panic!("the sandbox did not exit");
+}
+
+#[tokio::test]
+async fn exit_after_lines_exits_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+    child
+        .args(["e2e_tests::exit_after_lines_child", "--exact", "--ignored", "--quiet"])
+        .env(EXIT_CHILD_ENV, dir.path())
+        .stdout(std::process::Stdio::null());
+    let status = tokio::task::spawn_blocking(move || child.status())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(FAULT_EXIT_CODE));
+
+    let state = crate::state::load(&dir.path().join(crate::STATE_FILE)).unwrap();
+    let task = &state.tasks[0];
+    assert_eq!(task.status, crate::state::TaskStatus::InProgress);
+    assert_eq!(
+        task.outcomes.len(),
+        EXIT_LINES,
+        "exactly the lines before the exit were persisted"
+    );
+    assert!(task.reports.is_none());
+
+    // Restarted without the fault, the task resumes and ends.
+    let config = Config {
+        state_dir: Some(dir.path().to_owned()),
+        lines_per_second: 0.0,
+        ..Config::default()
+    };
+    let sandbox = Sandbox::start(config).await.unwrap();
+    let done = wait_for_status(&sandbox, &task.task_id, "Completed").await;
+    assert_eq!(done["successCount"], EXIT_TOTAL);
+    let stats = sandbox.stats();
+    assert_eq!(stats["tasks_started"], 1);
+    assert_eq!(stats["lines_processed"], EXIT_TOTAL - EXIT_LINES);
     sandbox.shutdown().await.unwrap();
 }

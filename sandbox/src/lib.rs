@@ -45,6 +45,24 @@
 //! Any other IoT call gets HTTP 404 with the error type
 //! `UnknownOperationException`. S3 is whatever `s3s-fs` implements.
 //!
+//! # Faults and the admin endpoint
+//!
+//! For crash-safety tests the sandbox can misbehave on purpose: a
+//! [`FaultPlan`] (in [`Config::faults`], syntax on the type) throttles a
+//! share of IoT calls, answers 5xx, drops connections before or after doing
+//! the call, slows bulk tasks down, fails chosen lines after their
+//! certificate was created, and exits the process abruptly in the middle of
+//! a task ([`FAULT_EXIT_CODE`]). [`Sandbox::inject_fault`] arms single
+//! faults for chosen requests.
+//!
+//! Requests under `/_sandbox/` (no signature needed) reach a small admin
+//! endpoint on the same listener:
+//!
+//! - `GET /_sandbox/faults`: the plan in force, as JSON;
+//! - `PUT /_sandbox/faults`: replaces it; the body is the text syntax or
+//!   JSON (an empty body is no faults); answers the new plan;
+//! - `GET /_sandbox/stats`: what [`Sandbox::stats`] returns.
+//!
 //! Where AWS leaves behaviour undocumented (the report line format above
 //! all), [`ReportFormat`] selects which plausible variant the sandbox
 //! produces, so that clients can be tested against each of them.
@@ -58,6 +76,7 @@
 //! # }
 //! ```
 
+mod admin;
 mod ca;
 #[cfg(test)]
 mod e2e_tests;
@@ -77,7 +96,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use tokio::sync::watch;
 
-pub use faults::Fault;
+pub use faults::{Fault, FaultPlan, FAULT_EXIT_CODE};
 use tokio::task::JoinHandle;
 
 /// The access key id clients must sign with (any other key `K` is accepted
@@ -235,8 +254,9 @@ impl ConfigError {
 /// How to run a sandbox.
 ///
 /// Every field parses from a command-line string with [`FromStr`]: `addr`
-/// as `127.0.0.1:4566`, `lines_per_second` as a number or `inf`, and
-/// `report_format` with the syntax documented on [`ReportFormat`].
+/// as `127.0.0.1:4566`, `lines_per_second` as a number or `inf`,
+/// `report_format` with the syntax documented on [`ReportFormat`] and
+/// `faults` with the syntax documented on [`FaultPlan`].
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Address to listen on; port 0 picks a free port.
@@ -257,6 +277,9 @@ pub struct Config {
     pub seed: u64,
     /// Lifetime of the pre-signed report links, in seconds.
     pub report_link_ttl_secs: u64,
+    /// Faults to inject from the start (none by default); replaceable at
+    /// run time with [`Sandbox::set_faults`] or `PUT /_sandbox/faults`.
+    pub faults: FaultPlan,
 }
 
 impl Default for Config {
@@ -269,6 +292,7 @@ impl Default for Config {
             report_format: ReportFormat::default(),
             seed: 0,
             report_link_ttl_secs: 3600,
+            faults: FaultPlan::default(),
         }
     }
 }
@@ -303,6 +327,7 @@ impl Sandbox {
     /// any), resumes an unfinished bulk task and spawns the server on the
     /// current tokio runtime.
     pub async fn start(config: Config) -> anyhow::Result<Sandbox> {
+        config.faults.validate().context("invalid fault plan")?;
         let (state_dir, temp_dir) = match &config.state_dir {
             Some(dir) => {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating state directory {}", dir.display()))?;
@@ -342,7 +367,11 @@ impl Sandbox {
         }
         let endpoint_url = format!("http://{local}");
 
+        if !config.faults.is_none() {
+            tracing::warn!(faults = %config.faults, "sandbox fault plan in force");
+        }
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let faults = faults::Faults::new(config.seed, config.faults.clone());
         let shared = Arc::new(Shared {
             config,
             endpoint_url,
@@ -350,7 +379,7 @@ impl Sandbox {
             store: state::Store::new(state, state_path),
             ca,
             shutdown: shutdown_rx,
-            faults: faults::Faults::default(),
+            faults,
             engines: std::sync::Mutex::new(Vec::new()),
         });
         shared.store.persist().await?;
@@ -392,6 +421,45 @@ impl Sandbox {
     /// the next three Describe or ListReports calls.
     pub fn inject_fault(&self, request_prefix: &str, fault: Fault, times: usize) {
         self.shared.faults.arm(request_prefix, fault, times);
+    }
+
+    /// The fault plan in force.
+    pub fn faults(&self) -> FaultPlan {
+        self.shared.faults.plan()
+    }
+
+    /// Replaces the fault plan, as `PUT /_sandbox/faults` does.
+    pub fn set_faults(&self, plan: FaultPlan) -> Result<(), ConfigError> {
+        plan.validate()?;
+        tracing::info!(faults = %plan, "sandbox fault plan replaced");
+        self.shared.faults.set_plan(plan);
+        Ok(())
+    }
+
+    /// What the sandbox has done, as `GET /_sandbox/stats` answers it:
+    ///
+    /// ```json
+    /// {
+    ///   "tasks_started": 3,
+    ///   "calls": {"StartThingRegistrationTask": 3, "DescribeThingRegistrationTask": 41},
+    ///   "faults_injected": {"throttle": 4, "5xx": 2, "drop": 1, "drop_response": 1, "fail_after_cert": 2},
+    ///   "lines_processed": 1200,
+    ///   "fail_after_cert_lines": [
+    ///     {"task_id": "..", "line_index": 17, "thing_name": "dev-17", "certificate_id": ".."}
+    ///   ]
+    /// }
+    /// ```
+    ///
+    /// `tasks_started` (successful `StartThingRegistrationTask` calls) and
+    /// `fail_after_cert_lines` (every line failed by
+    /// [`FaultPlan::fail_after_certificate_share`]; `line_index` counts
+    /// physical input lines from 0) come from the persisted state and survive
+    /// restarts. The rest counts this process only: `calls` every IoT call
+    /// received by operation name (faulted ones included), `faults_injected`
+    /// both planned and armed faults, `lines_processed` the task lines that
+    /// [`FaultPlan::exit_after_lines`] counts.
+    pub fn stats(&self) -> serde_json::Value {
+        admin::stats(&self.shared)
     }
 
     /// Stops accepting requests, lets open connections finish, stops the bulk

@@ -1,5 +1,6 @@
-//! The listener: one HTTP/1 server that routes each request to the IoT
-//! emulation or to S3 by the service named in its SigV4 credential scope.
+//! The listener: one HTTP/1 server that routes each request to the admin
+//! endpoint (paths under `/_sandbox/`), or else to the IoT emulation or to
+//! S3 by the service named in its SigV4 credential scope.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -57,6 +58,11 @@ fn target_of<B>(req: &Request<B>) -> Target {
 async fn handle(shared: Arc<Shared>, s3: S3Service, req: Request<Incoming>) -> Result<Response<Body>, Dropped> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
+    if crate::admin::is_admin(&path) {
+        let response = crate::admin::handle(&shared, req).await;
+        tracing::debug!(%method, %path, status = response.status().as_u16(), "admin request");
+        return Ok(response);
+    }
     let response = match target_of(&req) {
         Target::Iot => crate::iot::handle(&shared, req).await?,
         Target::S3 => match s3.call(req.map(Body::from)).await {

@@ -63,6 +63,9 @@ pub(crate) struct State {
     /// Bulk registration tasks, oldest first.
     #[serde(default)]
     pub tasks: Vec<Task>,
+    /// Successful StartThingRegistrationTask calls, ever.
+    #[serde(default)]
+    pub tasks_started: u64,
 }
 
 impl State {
@@ -302,6 +305,10 @@ pub(crate) enum LineOutcome {
         error_code: String,
         error_message: String,
         thing_name: Option<String>,
+        /// The certificate a line failed by the fail-after-certificate fault
+        /// created (and attached) before it was reported as failed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        late_certificate_id: Option<String>,
     },
 }
 
@@ -325,8 +332,10 @@ pub(crate) fn load(path: &Path) -> anyhow::Result<State> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(State::default()),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let state: State =
+    let mut state: State =
         serde_json::from_slice(&bytes).with_context(|| format!("parsing sandbox state {}", path.display()))?;
+    // State files from before the counter existed.
+    state.tasks_started = state.tasks_started.max(state.tasks.len() as u64);
     if state.format_version > FORMAT_VERSION {
         anyhow::bail!(
             "sandbox state {} has format version {}, newer than this sandbox ({FORMAT_VERSION})",

@@ -148,6 +148,61 @@ fn page<T>(
     Ok((page, next))
 }
 
+/// The name of the operation a request is for, as the API reference spells
+/// it (`UnknownOperation` for none); follows the routes of [`dispatch`].
+pub(crate) fn operation_name(method: &str, path: &str) -> &'static str {
+    let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match (method, segments.as_slice()) {
+        ("POST", ["thing-registration-tasks"]) => "StartThingRegistrationTask",
+        ("GET", ["thing-registration-tasks"]) => "ListThingRegistrationTasks",
+        ("GET", ["thing-registration-tasks", _]) => "DescribeThingRegistrationTask",
+        ("PUT", ["thing-registration-tasks", _, "cancel"]) => "StopThingRegistrationTask",
+        ("GET", ["thing-registration-tasks", _, "reports"]) => "ListThingRegistrationTaskReports",
+        ("GET", ["endpoint"]) => "DescribeEndpoint",
+        ("GET", ["things"]) => "ListThings",
+        ("POST", ["things", _]) => "CreateThing",
+        ("GET", ["things", _]) => "DescribeThing",
+        ("PATCH", ["things", _]) => "UpdateThing",
+        ("DELETE", ["things", _]) => "DeleteThing",
+        ("PUT", ["things", _, "principals"]) => "AttachThingPrincipal",
+        ("DELETE", ["things", _, "principals"]) => "DetachThingPrincipal",
+        ("GET", ["things", _, "principals"]) => "ListThingPrincipals",
+        ("GET", ["things", _, "thing-groups"]) => "ListThingGroupsForThing",
+        ("GET", ["principals", "things"]) => "ListPrincipalThings",
+        ("GET", ["thing-types"]) => "ListThingTypes",
+        ("POST", ["thing-types", _]) => "CreateThingType",
+        ("GET", ["thing-types", _]) => "DescribeThingType",
+        ("POST", ["thing-types", _, "deprecate"]) => "DeprecateThingType",
+        ("GET", ["thing-groups"]) => "ListThingGroups",
+        ("PUT", ["thing-groups", "addThingToThingGroup"]) => "AddThingToThingGroup",
+        ("POST", ["thing-groups", _]) => "CreateThingGroup",
+        ("GET", ["thing-groups", _]) => "DescribeThingGroup",
+        ("POST", ["billing-groups", _]) => "CreateBillingGroup",
+        ("GET", ["billing-groups", _]) => "DescribeBillingGroup",
+        ("GET", ["policies"]) => "ListPolicies",
+        ("POST", ["policies", _]) => "CreatePolicy",
+        ("GET", ["policies", _]) => "GetPolicy",
+        ("DELETE", ["policies", _]) => "DeletePolicy",
+        ("PUT", ["target-policies", _]) => "AttachPolicy",
+        ("POST", ["target-policies", _]) => "DetachPolicy",
+        ("POST", ["attached-policies", _]) => "ListAttachedPolicies",
+        ("POST", ["policy-targets", _]) => "ListTargetsForPolicy",
+        ("POST", ["certificates"]) => "CreateCertificateFromCsr",
+        ("GET", ["certificates"]) => "ListCertificates",
+        ("GET", ["certificates", _]) => "DescribeCertificate",
+        ("PUT", ["certificates", _]) => "UpdateCertificate",
+        ("DELETE", ["certificates", _]) => "DeleteCertificate",
+        ("POST", ["certificate", "register"]) => "RegisterCertificate",
+        ("POST", ["certificate", "register-no-ca"]) => "RegisterCertificateWithoutCA",
+        ("GET", ["registrationcode"]) => "GetRegistrationCode",
+        ("POST", ["cacertificate"]) => "RegisterCACertificate",
+        ("GET", ["cacertificates"]) => "ListCACertificates",
+        ("GET", ["cacertificate", _]) => "DescribeCACertificate",
+        ("PUT", ["cacertificate", _]) => "UpdateCACertificate",
+        _ => "UnknownOperation",
+    }
+}
+
 /// Routes a request to its operation.
 pub(crate) async fn dispatch(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Value, ApiError> {
     let req = ApiRequest::read(req).await?;
@@ -1166,6 +1221,37 @@ async fn update_ca_certificate(shared: &Arc<Shared>, req: &ApiRequest, id: &str)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operation_names() {
+        let cases = [
+            ("POST", "/thing-registration-tasks", "StartThingRegistrationTask"),
+            ("GET", "/thing-registration-tasks/abc", "DescribeThingRegistrationTask"),
+            (
+                "GET",
+                "/thing-registration-tasks/abc/reports",
+                "ListThingRegistrationTaskReports",
+            ),
+            (
+                "PUT",
+                "/thing-registration-tasks/abc/cancel",
+                "StopThingRegistrationTask",
+            ),
+            ("PUT", "/thing-groups/addThingToThingGroup", "AddThingToThingGroup"),
+            ("POST", "/thing-groups/g", "CreateThingGroup"),
+            (
+                "POST",
+                "/attached-policies/arn%3Aaws%3Aiot%3Ax%2Fy",
+                "ListAttachedPolicies",
+            ),
+            ("GET", "/things/", "ListThings"),
+            ("DELETE", "/things", "UnknownOperation"),
+            ("GET", "/nothing", "UnknownOperation"),
+        ];
+        for (method, path, name) in cases {
+            assert_eq!(operation_name(method, path), name, "{method} {path}");
+        }
+    }
 
     #[test]
     fn paging() {

@@ -102,13 +102,15 @@ impl std::fmt::Display for ApiError {
 #[error("connection dropped by an injected fault")]
 pub(crate) struct Dropped;
 
-/// Handles one IoT request, with any fault armed for it.
+/// Handles one IoT request, with the fault armed for it or drawn for it
+/// under the fault plan, if any; counts it in the stats.
 pub(crate) async fn handle(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, Dropped> {
     let method = req.method().clone();
     let path = req.uri().path().to_owned();
-    let fault = shared.faults.take(method.as_str(), &path);
+    let operation = api::operation_name(method.as_str(), &path);
+    let fault = shared.faults.for_call(operation, method.as_str(), &path);
     if let Some(fault) = fault {
-        tracing::debug!(%method, %path, ?fault, "injecting a fault");
+        tracing::debug!(%method, %path, operation, ?fault, "injecting a fault");
     }
     let error = match fault {
         None => return Ok(respond(shared, req, &method, &path).await),

@@ -20,6 +20,11 @@ pub(crate) struct Provisioned {
     pub resource_arns: BTreeMap<String, String>,
     pub certificate_id: Option<String>,
     pub issued_from_csr: bool,
+    /// Whether the line created its certificate (rather than naming one
+    /// that was registered already).
+    pub certificate_created: bool,
+    /// Whether the certificate was attached to a thing.
+    pub attached_to_thing: bool,
 }
 
 /// A prerequisite that does not exist fails a bulk line with this class.
@@ -323,6 +328,8 @@ fn apply(
         resource_arns: BTreeMap::new(),
         certificate_id: None,
         issued_from_csr: false,
+        certificate_created: false,
+        attached_to_thing: false,
     };
 
     let policy_name = policy.map(|plan| {
@@ -347,6 +354,7 @@ fn apply(
                 let record = registry::new_certificate(state, ctx, &parsed, &status, ca_id);
                 state.certificates.insert(parsed.id.clone(), record);
                 provisioned.issued_from_csr = from_csr;
+                provisioned.certificate_created = true;
                 parsed.id
             }
             CertPlan::Existing { id, new_status } => {
@@ -390,6 +398,7 @@ fn apply(
             record.thing_groups = plan.groups;
             if let Some(arn) = &cert_arn {
                 record.principals.insert(arn.clone());
+                provisioned.attached_to_thing = true;
             }
             provisioned
                 .resource_arns
@@ -463,6 +472,7 @@ mod tests {
             "arn:aws:iot:us-east-1:123456789012:policy/p"
         );
         assert!(out.issued_from_csr);
+        assert!(out.certificate_created && out.attached_to_thing);
         assert!(state.things["d1"].principals.contains(&cert_arn));
         assert!(state.policy_attachments[&cert_arn].contains("p"));
         assert_eq!(state.certificates[&cert_id].status, "ACTIVE");

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Map, Value};
 
 use crate::state::{self, LineOutcome, State, Task, TaskReports, TaskStatus};
-use crate::{ids, s3, ReportFormat, Shared, ACCOUNT_ID, REPORTS_BUCKET};
+use crate::{faults, ids, s3, ReportFormat, Shared, ACCOUNT_ID, FAULT_EXIT_CODE, REPORTS_BUCKET};
 
 use super::provision::provision;
 use super::registry::Ctx;
@@ -99,6 +99,7 @@ pub(crate) async fn start(shared: &Arc<Shared>, request: StartRequest) -> Result
             outcomes: Vec::new(),
             reports: None,
         });
+        state.tasks_started += 1;
         Ok(task_id)
     })?;
     commit(shared).await?;
@@ -220,10 +221,11 @@ async fn drive(shared: &Arc<Shared>, task_id: &str) -> anyhow::Result<()> {
         }
     });
 
-    let rate = shared.config.lines_per_second;
-    let limited = rate.is_finite() && rate > 0.0;
     let mut shutdown = shared.shutdown.clone();
-    let started = Instant::now();
+    // The rate follows the fault plan's slow factor, which may change at
+    // any time; NaN differs from every rate, so the first pass sets it.
+    let mut rate = f64::NAN;
+    let mut started = Instant::now();
     let mut done_here = 0u64;
     let mut last_persist = Instant::now();
     let mut persist_every = MIN_PERSIST_INTERVAL;
@@ -261,7 +263,19 @@ async fn drive(shared: &Arc<Shared>, task_id: &str) -> anyhow::Result<()> {
             TaskStatus::InProgress => {}
             _ => return Ok(()),
         }
+        // A plan set after its exit point had passed.
+        if shared.faults.take_exit() {
+            exit_abruptly(shared).await;
+        }
 
+        let plan = shared.faults.plan();
+        let wanted = plan.task_rate(shared.config.lines_per_second);
+        if wanted != rate {
+            rate = wanted;
+            started = Instant::now();
+            done_here = 0;
+        }
+        let limited = rate.is_finite() && rate > 0.0;
         let budget = if limited {
             let due = ((started.elapsed().as_secs_f64() * rate) as u64).saturating_sub(done_here);
             if due == 0 {
@@ -277,13 +291,34 @@ async fn drive(shared: &Arc<Shared>, task_id: &str) -> anyhow::Result<()> {
         } else {
             MAX_BATCH
         };
+        // Stop exactly at the exit point, so that the state persisted before
+        // the exit holds that many lines.
+        let budget = budget.min(shared.faults.lines_before_exit().unwrap_or(u64::MAX));
 
         let end = (next + budget).min(total);
         let batch = &lines[next as usize..end as usize];
-        shared
+        let share = plan.fail_after_certificate_share;
+        let t0 = Instant::now();
+        let failed_late = shared
             .store
-            .write(|state| process_batch(state, shared, task_id, &template, batch));
+            .write(|state| process_batch(state, shared, task_id, &template, batch, share));
+        let worked = t0.elapsed();
         done_here += end - next;
+        shared.faults.count_lines(end - next);
+        for _ in 0..failed_late {
+            shared.faults.count_fail_after_cert();
+        }
+        if shared.faults.take_exit() {
+            exit_abruptly(shared).await;
+        }
+        if !limited && plan.slow_factor > 1.0 {
+            // Unlimited, a task is as slow as its work; make it that much slower.
+            let pause = worked.mul_f64(plan.slow_factor - 1.0);
+            tokio::select! {
+                _ = tokio::time::sleep(pause) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
 
         if last_persist.elapsed() >= persist_every {
             let t0 = Instant::now();
@@ -296,22 +331,57 @@ async fn drive(shared: &Arc<Shared>, task_id: &str) -> anyhow::Result<()> {
     }
 }
 
-fn process_batch(state: &mut State, shared: &Shared, task_id: &str, template: &Template, batch: &[Line]) {
+/// The [`FaultPlan::exit_after_lines`](crate::FaultPlan) fault: persists
+/// the state and ends the process on the spot, as a crash would (no
+/// reports, no clean shutdown).
+async fn exit_abruptly(shared: &Shared) {
+    tracing::warn!(
+        status = FAULT_EXIT_CODE,
+        "exit-after-lines fault: the sandbox process exits now, in the middle of its task"
+    );
+    if let Err(e) = shared.store.persist().await {
+        tracing::error!(error = %format!("{e:#}"), "persisting the state before the injected exit failed");
+    }
+    std::process::exit(FAULT_EXIT_CODE);
+}
+
+/// Processes a batch of lines; returns how many failed late on purpose
+/// (`fail_after_cert` is the plan's share of such lines).
+fn process_batch(
+    state: &mut State,
+    shared: &Shared,
+    task_id: &str,
+    template: &Template,
+    batch: &[Line],
+    fail_after_cert: f64,
+) -> u64 {
     let ctx = Ctx {
         region: &shared.config.region,
         seed: shared.config.seed,
         ca: &shared.ca,
     };
+    let mut failed_late = 0;
     for (index, text) in batch {
-        let outcome = process_line(state, ctx, template, task_id, *index, text);
+        let outcome = process_line(state, ctx, template, task_id, *index, text, fail_after_cert);
+        if matches!(
+            outcome,
+            LineOutcome::Failure {
+                late_certificate_id: Some(_),
+                ..
+            }
+        ) {
+            failed_late += 1;
+        }
         if let Some(task) = state.task_mut(task_id) {
             task.outcomes.push(outcome);
             task.last_modified_date = state::now();
         }
     }
+    failed_late
 }
 
-/// Provisions one line; every failure is the line's own.
+/// Provisions one line; every failure is the line's own, except those the
+/// fail-after-certificate fault (`fail_after_cert`, a share) chooses.
 fn process_line(
     state: &mut State,
     ctx: Ctx<'_>,
@@ -319,12 +389,14 @@ fn process_line(
     task_id: &str,
     line: u64,
     text: &str,
+    fail_after_cert: f64,
 ) -> LineOutcome {
     let failure = |e: ApiError, thing_name: Option<String>| LineOutcome::Failure {
         line,
         error_code: e.code.to_owned(),
         error_message: e.message,
         thing_name,
+        late_certificate_id: None,
     };
     if text.len() > MAX_LINE_BYTES {
         return failure(ApiError::invalid("the line is longer than 256 KiB"), None);
@@ -347,6 +419,21 @@ fn process_line(
     // Derived from the task and the line, so a resumed task signs alike.
     let serial = ids::serial(ctx.seed, &format!("task/{task_id}"), line);
     match provision(state, ctx, &resolved, serial) {
+        // The nasty case: everything was made and attached, yet the line
+        // reads as failed.
+        Ok(p)
+            if p.certificate_created
+                && p.attached_to_thing
+                && faults::fails_after_certificate(fail_after_cert, ctx.seed, task_id, line) =>
+        {
+            LineOutcome::Failure {
+                line,
+                error_code: "InternalFailureException".to_owned(),
+                error_message: "An internal failure occurred while registering the thing".to_owned(),
+                thing_name,
+                late_certificate_id: p.certificate_id,
+            }
+        }
         Ok(p) => LineOutcome::Success {
             line,
             certificate_id: p.certificate_id,
@@ -435,6 +522,7 @@ pub(crate) fn error_line(outcome: &LineOutcome, format: &ReportFormat) -> String
         error_code,
         error_message,
         thing_name,
+        ..
     } = outcome
     else {
         return String::new();
@@ -508,6 +596,7 @@ mod tests {
             error_code: "InvalidRequestException".into(),
             error_message: "bad".into(),
             thing_name: Some("t".into()),
+            late_certificate_id: None,
         }
     }
 
