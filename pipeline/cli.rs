@@ -125,6 +125,9 @@ pub struct RunArgs {
     /// Seconds to follow a task before leaving it to `resume`.
     #[arg(long)]
     pub task_timeout: Option<u64>,
+    /// Skip the pre-flight checks against the account (bucket, thing types, groups, policies).
+    #[arg(long)]
+    pub no_preflight: bool,
     /// Devices per bulk task; a larger batch registers chunk after chunk.
     #[arg(long, default_value_t = 10_000)]
     pub chunk_size: usize,
@@ -389,15 +392,52 @@ async fn run_command(args: RunArgs) -> Result<i32> {
         print_summary(&s);
         return Ok(s.exit_code());
     }
-    let created = run::record_batch(&mut ledger, &prepared)?;
+    let endpoint = Endpoint::open(&args.aws, &opts.out).await?;
+    let aws = Aws::connect(&endpoint.conn).await;
+    let fresh = ledger.batch(&prepared.batch)?.is_none();
+    let checked = async {
+        if sandbox {
+            sandbox_setup::prepare_account(
+                &aws,
+                &prepared.settings.bucket,
+                prepared.template.policy_name.as_deref(),
+            )
+            .await?;
+        }
+        if fresh && !args.no_preflight {
+            let rows: Vec<crate::preflight::Row<'_>> = prepared
+                .devices
+                .iter()
+                .map(|d| crate::preflight::Row {
+                    device: crate::stage::StoredDevice {
+                        serial: d.serial.clone(),
+                        thing_name: d.thing_name.clone(),
+                        values: d.values.clone(),
+                        device_csr: None,
+                    },
+                    file: &d.file,
+                    line: d.line,
+                })
+                .collect();
+            crate::preflight::check(&aws, &prepared.template, &prepared.settings.bucket, &rows).await?;
+        }
+        run::record_batch(&mut ledger, &prepared)
+    }
+    .await;
+    let created = match checked {
+        Ok(c) => c,
+        Err(e) => {
+            endpoint.close().await;
+            return Err(e);
+        }
+    };
     if !created {
         tracing::info!(batch = %prepared.batch, "this batch was started before; continuing it");
     }
     let settings = prepared.settings.clone();
     let skipped = prepared.skipped.len();
     drop(prepared);
-    let endpoint = Endpoint::open(&args.aws, &opts.out).await?;
-    let result = go(&endpoint, &mut ledger, &ws, &settings, sandbox, Some(ingest_seconds)).await;
+    let result = run::continue_batch(&mut ledger, &ws, &settings, &aws, Some(ingest_seconds)).await;
     endpoint.close().await;
     let mut s = result?;
     s.skipped = skipped;

@@ -109,6 +109,14 @@ pub fn to_pem(tag: &str, der: &[u8]) -> String {
     ::pem::encode_config(&p, ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF))
 }
 
+/// The key a CSR carries, without checking its signature (that was done
+/// when it was made or ingested).
+pub fn csr_key_id(pem_text: &str) -> Result<KeyId, String> {
+    let block = ::pem::parse(pem_text.as_bytes()).map_err(|e| format!("CSR PEM: {e}"))?;
+    let (_, csr) = X509CertificationRequest::from_der(block.contents()).map_err(|e| format!("CSR DER: {e}"))?;
+    Ok(KeyId::from_spki(&csr.certification_request_info.subject_pki))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,12 +138,4 @@ mod tests {
         assert_eq!(info.id, certificate_id(cert.der()));
         assert_eq!(info.id.len(), 64);
     }
-}
-
-/// The key a CSR carries, without checking its signature (that was done
-/// when it was made or ingested).
-pub fn csr_key_id(pem_text: &str) -> Result<KeyId, String> {
-    let block = ::pem::parse(pem_text.as_bytes()).map_err(|e| format!("CSR PEM: {e}"))?;
-    let (_, csr) = X509CertificationRequest::from_der(block.contents()).map_err(|e| format!("CSR DER: {e}"))?;
-    Ok(KeyId::from_spki(&csr.certification_request_info.subject_pki))
 }

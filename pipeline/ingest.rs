@@ -96,7 +96,7 @@ pub fn ingest(paths: &[PathBuf], opts: &IngestOptions<'_>) -> Result<Ingested> {
         let before = devices.len();
         match read_file(path, &bytes, opts, &mut devices, &mut problems, &mut bad_rows) {
             Ok(file) => files.push(file),
-            Err(p) => problems.push(p),
+            Err(p) => problems.push(*p),
         }
         tracing::debug!(file = %path.display(), rows = devices.len() - before, "read");
     }
@@ -157,7 +157,7 @@ fn read_file(
     devices: &mut Vec<Device>,
     problems: &mut Problems,
     bad_rows: &mut BTreeSet<usize>,
-) -> std::result::Result<InputFile, Problem> {
+) -> std::result::Result<InputFile, Box<Problem>> {
     let display: Arc<str> = path.display().to_string().into();
     let at = |line: u64| Problem::new("").file(display.to_string()).line(line);
     let sha256 = sha256_hex(bytes);
@@ -225,10 +225,10 @@ fn read_file(
         }
     }
     if !header_problems.is_empty() {
-        return Err(Problem {
+        return Err(Box::new(Problem {
             message: header_problems.join("; "),
             ..at(1)
-        });
+        }));
     }
 
     let mut rows = 0usize;
@@ -335,10 +335,10 @@ fn read_file(
         });
     }
     if rows == 0 {
-        return Err(Problem {
+        return Err(Box::new(Problem {
             message: "the file has a header but no rows".into(),
             ..at(1)
-        });
+        }));
     }
     Ok(InputFile {
         path: path.to_path_buf(),
@@ -350,7 +350,8 @@ fn read_file(
 
 /// Rows that share a serial number, a thing name or a device CSR.
 fn find_duplicates(devices: &[Device], problems: &mut Problems, bad_rows: &mut BTreeSet<usize>) -> Result<()> {
-    let checks: [(&str, &str, Box<dyn Fn(&Device) -> Option<String>>); 3] = [
+    type KeyOf = Box<dyn Fn(&Device) -> Option<String>>;
+    let checks: [(&str, &str, KeyOf); 3] = [
         (
             "serial_number",
             "serial number",

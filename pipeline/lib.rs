@@ -16,6 +16,7 @@ pub mod ingest;
 pub mod keygen;
 pub mod ledger;
 pub mod lint;
+pub mod preflight;
 pub mod profile;
 pub mod reconcile;
 pub mod register;

@@ -184,7 +184,8 @@ fn run_with_format(dir: &Path, format: &str) -> (Ran, std::path::PathBuf) {
     let t = write(dir, "typed.json", &typed_template());
     let mut csv = String::from("serial_number,model,lot,thing_type\n");
     for i in 1..=12 {
-        // Rows 4 and 9 name a thing type that does not exist.
+        // Rows 4 and 9 name a thing type that does not exist (pre-flight is
+        // skipped so that the lines reach the task and fail there).
         let ty = if i == 4 || i == 9 { "no-such-type" } else { "sensor" };
         csv.push_str(&format!("RF{i:04},TH-100,LOT-A,{ty}\n"));
     }
@@ -207,7 +208,7 @@ fn run_with_format(dir: &Path, format: &str) -> (Ran, std::path::PathBuf) {
         sb.shutdown().await.unwrap();
     });
     let ran = run(provline()
-        .args(["run", "--sandbox", "--sandbox-report-format", format, "--out"])
+        .args(["run", "--sandbox", "--no-preflight", "--sandbox-report-format", format, "--out"])
         .arg(&out)
         .arg("--template")
         .arg(&t)
@@ -248,4 +249,56 @@ fn every_report_format_reconciles_device_by_device() {
             .count();
         assert_eq!(bundles, 10, "{format}");
     }
+}
+
+#[test]
+fn preflight_catches_a_missing_thing_type_before_upload() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = write(tmp.path(), "typed.json", &typed_template());
+    let mut csv = String::from("serial_number,model,lot,thing_type\n");
+    for i in 1..=500 {
+        let ty = if i == 100 || i == 250 { "ghost-type" } else { "sensor" };
+        csv.push_str(&format!("PF{i:04},TH-100,LOT-A,{ty}\n"));
+    }
+    let input = write(tmp.path(), "pf.csv", &csv);
+    let out = tmp.path().join("out");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (sb, aws) = sandbox(provline_sandbox::Config {
+            state_dir: Some(out.join(".sandbox")),
+            ..Default::default()
+        })
+        .await;
+        aws.iot
+            .create_thing_type()
+            .thing_type_name("sensor")
+            .send()
+            .await
+            .unwrap();
+        sb.shutdown().await.unwrap();
+    });
+    let ran = run(provline()
+        .args(["run", "--sandbox", "--out"])
+        .arg(&out)
+        .arg("--template")
+        .arg(&t)
+        .arg(&input));
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("thing type `ghost-type` does not exist"),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        ran.stderr.contains("2 lines use it") && ran.stderr.contains("pf.csv:101") && ran.stderr.contains("pf.csv:251"),
+        "{}",
+        ran.stderr
+    );
+    assert!(!ran.stderr.contains("`sensor`"), "the existing type is not reported");
+    // Nothing was uploaded and no batch was recorded.
+    let bucket_dir = out.join(".sandbox/s3/provline-sandbox");
+    let objects = std::fs::read_dir(&bucket_dir).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(objects, 0, "nothing may be uploaded before pre-flight passes");
+    let ledger = provline::ledger::Ledger::open(&out.join("ledger.sqlite")).unwrap();
+    assert!(ledger.batches().unwrap().is_empty());
 }
