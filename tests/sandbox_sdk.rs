@@ -208,7 +208,14 @@ fn run_with_format(dir: &Path, format: &str) -> (Ran, std::path::PathBuf) {
         sb.shutdown().await.unwrap();
     });
     let ran = run(provline()
-        .args(["run", "--sandbox", "--no-preflight", "--sandbox-report-format", format, "--out"])
+        .args([
+            "run",
+            "--sandbox",
+            "--no-preflight",
+            "--sandbox-report-format",
+            format,
+            "--out",
+        ])
         .arg(&out)
         .arg("--template")
         .arg(&t)
