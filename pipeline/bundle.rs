@@ -9,7 +9,7 @@ use rcgen::PublicKeyData;
 use x509_parser::prelude::*;
 
 use crate::crypto::{sha256_hex, to_pem, KeyId};
-use crate::workspace::{sync_dir, write_unsynced, Workspace};
+use crate::workspace::{write_unsynced, Workspace};
 
 pub const CERT_FILE: &str = "certificate.pem.crt";
 pub const KEY_FILE: &str = "private.pem.key";
@@ -76,8 +76,9 @@ struct DeviceJson<'a> {
     root_ca: [&'a str; 2],
 }
 
-/// Writes one bundle into a temporary directory, syncs it, and renames it
-/// into place; returns the files written with their SHA-256. The certificate is checked against
+/// Writes one bundle into a temporary directory and renames it into place;
+/// returns the files written with their SHA-256. Nothing is synced here:
+/// [`sync_bundles`] makes a whole set durable at once. The certificate is checked against
 /// the device's key first: a mismatch is an error, never a bundle.
 pub fn write_bundle(ws: &Workspace, b: &BundleInput<'_>) -> Result<Vec<(PathBuf, String)>, String> {
     let cert = crate::crypto::parse_certificate_pem(b.certificate_pem)?;
@@ -143,17 +144,27 @@ pub fn write_bundle(ws: &Workspace, b: &BundleInput<'_>) -> Result<Vec<(PathBuf,
     }
     let mut written = Vec::new();
     for (name, bytes, mode) in &files {
-        let f =
-            write_unsynced(&tmp.join(name), bytes, *mode).map_err(|e| format!("{}: {e}", tmp.join(name).display()))?;
-        f.sync_all().map_err(|e| format!("{name}: {e}"))?;
+        write_unsynced(&tmp.join(name), bytes, *mode).map_err(|e| format!("{}: {e}", tmp.join(name).display()))?;
         written.push((dir.join(name), sha256_hex(bytes)));
     }
-    sync_dir(&tmp).map_err(|e| e.to_string())?;
     if dir.exists() {
         fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     fs::rename(&tmp, &dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok(written)
+}
+
+/// Makes every bundle written so far durable with one `syncfs` of the
+/// filesystem that holds them, instead of an fsync per file and directory.
+pub fn sync_bundles(ws: &Workspace) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let dir = fs::File::open(ws.bundles())?;
+    // SAFETY: syncfs only reads the descriptor, which `dir` keeps open.
+    let rc = unsafe { libc::syncfs(dir.as_raw_fd()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Every file under the batch's bundles, with its SHA-256, relative to the batch directory.

@@ -864,7 +864,7 @@ async fn bundle_stage(
             }
         }
     }
-    crate::workspace::sync_dir(&ws.bundles()).map_err(|e| Error::infra(format!("{}: {e}", ws.bundles().display())))?;
+    crate::bundle::sync_bundles(ws).map_err(|e| Error::infra(format!("syncing {}: {e}", ws.bundles().display())))?;
     crate::failpoint::hit("bundled");
     ledger.set_state(&ws.batch, &done, state::BUNDLED, None)?;
     ledger.record_outcomes(&ws.batch, &failures)?;

@@ -80,3 +80,35 @@ pub fn openssl_csr(dir: &Path, name: &str, newkey: &[&str], cn: &str) -> String 
 pub fn cell(v: &str) -> String {
     format!("\"{}\"", v.replace('"', "\"\""))
 }
+
+/// Validates a JSON file against one of our schemas with Python's
+/// `jsonschema`, an implementation we did not write. Returns false (and says
+/// so) when it is not installed outside CI.
+pub fn validate_schema(schema: &str, file: &Path) -> bool {
+    let schema = Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas").join(schema);
+    let probe = Command::new("python3").args(["-c", "import jsonschema"]).output();
+    if !probe.is_ok_and(|o| o.status.success()) {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 -m jsonschema is required in CI"
+        );
+        eprintln!("python jsonschema not found: schema check skipped");
+        return false;
+    }
+    let code =
+        "import json,sys,jsonschema; jsonschema.validate(json.load(open(sys.argv[2])), json.load(open(sys.argv[1])))";
+    let out = Command::new("python3")
+        .args(["-c", code])
+        .arg(&schema)
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} does not match {}: {}",
+        file.display(),
+        schema.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    true
+}

@@ -156,6 +156,12 @@ fn two_hundred_devices_end_to_end_with_verified_bundles() {
         (Some(200), Some(200), Some(0), Some(200))
     );
     assert_eq!(report["task_ids"].as_array().unwrap().len(), 1);
+    validate_schema("manifest.schema.json", &dir.join("manifest.json"));
+    validate_schema("report.schema.json", &dir.join("report.json"));
+    validate_schema(
+        "device.schema.json",
+        &dir.join("bundles").join(&things[0]).join("device.json"),
+    );
 
     // No device private key in the logs, S3 or the registry (the sandbox's
     // state holds its own CA key, which is not a device's).
