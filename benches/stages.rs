@@ -30,6 +30,7 @@ fn devices(n: usize, dir: &std::path::Path) -> (Vec<Device>, PathBuf) {
     let p = dir.join(format!("bench-{n}.csv"));
     std::fs::write(&p, csv(n)).unwrap();
     let profile = Profile::default();
+    let no_columns = BTreeSet::new();
     let pattern = NamePattern::parse("{serial_number}").unwrap();
     let attrs: BTreeSet<String> = ["model", "mac_address", "lot"].into_iter().map(String::from).collect();
     let opts = IngestOptions {
@@ -38,6 +39,7 @@ fn devices(n: usize, dir: &std::path::Path) -> (Vec<Device>, PathBuf) {
         attribute_columns: &attrs,
         skip_invalid: false,
         delimiter: None,
+        template_columns: &no_columns,
     };
     (ingest(std::slice::from_ref(&p), &opts).unwrap().devices, p)
 }
@@ -48,6 +50,7 @@ fn bench_ingest(c: &mut Criterion) {
     let (_, path) = devices(10, dir.path());
     std::fs::write(&path, csv(n)).unwrap();
     let profile = Profile::default();
+    let no_columns = BTreeSet::new();
     let pattern = NamePattern::parse("{serial_number}").unwrap();
     let attrs: BTreeSet<String> = ["model", "mac_address", "lot"].into_iter().map(String::from).collect();
     let mut g = c.benchmark_group("ingest");
@@ -66,6 +69,7 @@ fn bench_ingest(c: &mut Criterion) {
                 attribute_columns: &attrs,
                 skip_invalid: false,
                 delimiter: None,
+                template_columns: &no_columns,
             };
             ingest(std::slice::from_ref(&path), &opts).unwrap().devices.len()
         })

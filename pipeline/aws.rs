@@ -19,6 +19,7 @@ pub struct Aws {
     pub iot: aws_sdk_iot::Client,
     pub s3: aws_sdk_s3::Client,
     pub region: String,
+    shared: aws_config::SdkConfig,
 }
 
 impl Aws {
@@ -58,9 +59,26 @@ impl Aws {
             iot: aws_sdk_iot::Client::new(&shared),
             s3: aws_sdk_s3::Client::from_conf(s3_conf),
             region,
+            shared,
         }
     }
+
+    /// Fails early, as a configuration error, when no credentials can be
+    /// found, instead of later as an unreachable endpoint.
+    pub async fn check_credentials(&self) -> crate::error::Result<()> {
+        use aws_credential_types::provider::ProvideCredentials;
+        let Some(provider) = self.shared.credentials_provider() else {
+            return Err(crate::error::Error::config(NO_CREDENTIALS));
+        };
+        provider
+            .provide_credentials()
+            .await
+            .map(|_| ())
+            .map_err(|e| crate::error::Error::config(format!("{NO_CREDENTIALS} ({e})")))
+    }
 }
+
+const NO_CREDENTIALS: &str = "no AWS credentials found: set AWS_PROFILE or --profile, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or use --sandbox to run against the embedded sandbox";
 
 /// A readable text for an SDK error: its code and message, never the raw request.
 pub fn describe<E, R>(err: &aws_sdk_iot::error::SdkError<E, R>) -> String
@@ -78,7 +96,10 @@ where
                 e.message().unwrap_or("no message")
             )
         }
-        SdkError::DispatchFailure(d) => format!("cannot reach the endpoint: {d:?}"),
+        SdkError::DispatchFailure(_) => format!(
+            "cannot reach the endpoint: {}",
+            aws_smithy_types::error::display::DisplayErrorContext(err)
+        ),
         SdkError::TimeoutError(_) => "the request timed out".to_string(),
         other => format!("{}", aws_smithy_types::error::display::DisplayErrorContext(other)),
     }

@@ -68,9 +68,10 @@ pub struct AwsArgs {
     /// AWS region (default: from the profile or environment).
     #[arg(long)]
     pub region: Option<String>,
-    /// AWS profile from ~/.aws/config.
-    #[arg(long)]
-    pub profile: Option<String>,
+    /// AWS profile from ~/.aws/config (also AWS_PROFILE). `--profile` is the
+    /// manufacturing profile.
+    #[arg(long = "aws-profile", value_name = "NAME")]
+    pub aws_profile: Option<String>,
     /// Endpoint URL for both IoT and S3 (also AWS_ENDPOINT_URL).
     #[arg(long)]
     pub endpoint_url: Option<String>,
@@ -98,9 +99,13 @@ pub struct RunArgs {
     /// Bulk provisioning template (default: built-in thing + certificate from CSR + policy).
     #[arg(long)]
     pub template: Option<PathBuf>,
-    /// Thing name pattern; columns in braces, `|lower` or `|upper` to change case.
-    #[arg(long, default_value = "{serial_number}")]
-    pub thing_name: String,
+    /// Manufacturing profile (TOML): columns, aliases, rules, attributes, thing name.
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    /// Thing name pattern (default: the profile's, `{serial_number}`); columns in
+    /// braces, `|lower` or `|upper` to change case.
+    #[arg(long)]
+    pub thing_name: Option<String>,
     /// IoT policy the built-in template attaches.
     #[arg(long)]
     pub policy: Option<String>,
@@ -162,8 +167,11 @@ pub struct StatusArgs {
 pub struct LintArgs {
     #[arg(required = true)]
     pub files: Vec<PathBuf>,
-    #[arg(long, default_value = "{serial_number}")]
-    pub thing_name: String,
+    /// Manufacturing profile (TOML) for CSVs; also checked itself.
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
+    #[arg(long)]
+    pub thing_name: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -225,7 +233,13 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    init_logging(cli.log_format, &cli.log);
+    // The embedded sandbox logs what provline logs already; keep it to warnings
+    // unless it is the command, or the user asks for it.
+    let mut filter = cli.log.clone();
+    if !matches!(cli.command, Command::Sandbox { .. }) && !filter.contains("provline_sandbox") {
+        filter.push_str(",provline_sandbox=warn");
+    }
+    init_logging(cli.log_format, &filter);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -264,7 +278,7 @@ impl Endpoint {
             return Ok(Endpoint {
                 conn: Connection {
                     region: args.region.clone(),
-                    profile: args.profile.clone(),
+                    profile: args.aws_profile.clone(),
                     endpoint_url: args.endpoint_url.clone(),
                     static_credentials: None,
                 },
@@ -285,7 +299,6 @@ impl Endpoint {
         let sb = provline_sandbox::Sandbox::start(config)
             .await
             .map_err(|e| Error::infra(format!("cannot start the embedded sandbox: {e:#}")))?;
-        tracing::info!(endpoint = %sb.endpoint_url(), "embedded sandbox started");
         Ok(Endpoint {
             conn: sandbox_setup::connection(&sb.endpoint_url()),
             sandbox: Some(sb),
@@ -345,6 +358,7 @@ async fn run_command(args: RunArgs) -> Result<i32> {
         out: args.out.clone(),
         key_type: args.key_type,
         template: args.template.clone(),
+        profile: args.profile.clone(),
         thing_name: args.thing_name.clone(),
         policy: args.policy.clone(),
         bucket: args
@@ -394,6 +408,10 @@ async fn run_command(args: RunArgs) -> Result<i32> {
     }
     let endpoint = Endpoint::open(&args.aws, &opts.out).await?;
     let aws = Aws::connect(&endpoint.conn).await;
+    if let Err(e) = aws.check_credentials().await {
+        endpoint.close().await;
+        return Err(e);
+    }
     let fresh = ledger.batch(&prepared.batch)?.is_none();
     let checked = async {
         if sandbox {
@@ -403,6 +421,9 @@ async fn run_command(args: RunArgs) -> Result<i32> {
                 prepared.template.policy_name.as_deref(),
             )
             .await?;
+        }
+        if fresh {
+            run::check_conflicts(&ledger, &prepared)?;
         }
         if fresh && !args.no_preflight {
             let rows: Vec<crate::preflight::Row<'_>> = prepared
@@ -434,13 +455,17 @@ async fn run_command(args: RunArgs) -> Result<i32> {
     if !created {
         tracing::info!(batch = %prepared.batch, "this batch was started before; continuing it");
     }
-    let settings = prepared.settings.clone();
-    let skipped = prepared.skipped.len();
+    // The ledger defines a batch it already holds (its S3 keys among them).
+    let settings: Settings = match ledger.batch(&prepared.batch)? {
+        Some(b) => {
+            serde_json::from_str(&b.settings).map_err(|e| Error::infra(format!("ledger settings of {}: {e}", b.id)))?
+        }
+        None => prepared.settings.clone(),
+    };
     drop(prepared);
     let result = run::continue_batch(&mut ledger, &ws, &settings, &aws, Some(ingest_seconds)).await;
     endpoint.close().await;
-    let mut s = result?;
-    s.skipped = skipped;
+    let s = result?;
     print_summary(&s);
     Ok(s.exit_code())
 }
@@ -491,6 +516,10 @@ async fn resume_command(args: ResumeArgs) -> Result<i32> {
         return Ok(exit::OK);
     }
     let endpoint = Endpoint::open(&args.aws, &args.out).await?;
+    if let Err(e) = Aws::connect(&endpoint.conn).await.check_credentials().await {
+        endpoint.close().await;
+        return Err(e);
+    }
     let mut worst = exit::OK;
     let mut failure = None;
     for b in open {
@@ -580,8 +609,21 @@ fn status_command(args: StatusArgs) -> Result<i32> {
 
 fn lint_command(args: LintArgs) -> i32 {
     let mut bad = 0;
+    let profile = match &args.profile {
+        Some(p) => match crate::profile::Profile::load(p) {
+            Ok(p) => {
+                eprintln!("ok    {}: profile", args.profile.as_ref().expect("some").display());
+                p
+            }
+            Err(e) => {
+                eprintln!("error {e}");
+                return exit::REJECTED;
+            }
+        },
+        None => crate::profile::Profile::default(),
+    };
     for f in &args.files {
-        match crate::lint::lint_file(f, &args.thing_name) {
+        match crate::lint::lint_file(f, &profile, args.thing_name.as_deref()) {
             crate::lint::Verdict::Ok(what) => eprintln!("ok    {}: {what}", f.display()),
             crate::lint::Verdict::Bad(problems) => {
                 bad += 1;

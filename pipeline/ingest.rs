@@ -14,7 +14,7 @@ use polars::prelude::*;
 use crate::crypto::sha256_hex;
 use crate::csr::{check_csr, DeviceCsr};
 use crate::error::{Error, Problem, Problems, Result};
-use crate::profile::{normalise_mac, ColumnKind, NamePattern, Profile};
+use crate::profile::{ColumnKind, NamePattern, Profile};
 use crate::rules::{check_attribute_value, check_thing_name};
 
 /// One input file of the batch.
@@ -69,6 +69,8 @@ pub struct IngestOptions<'a> {
     pub skip_invalid: bool,
     /// Force a delimiter instead of detecting one per file.
     pub delimiter: Option<u8>,
+    /// Columns the template reads beyond the profile's.
+    pub template_columns: &'a BTreeSet<String>,
 }
 
 pub struct Ingested {
@@ -172,6 +174,14 @@ fn read_file(
         }
     })?;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // The csv crate counts CRLF line ends one short; with LF only, every
+    // reported line is the line an editor shows. No value keeps a `\r` either.
+    let text: std::borrow::Cow<'_, str> = if text.contains('\r') {
+        text.replace("\r\n", "\n").into()
+    } else {
+        text.into()
+    };
+    let text = text.as_ref();
     let delimiter = opts.delimiter.unwrap_or_else(|| detect_delimiter(text));
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
@@ -201,6 +211,41 @@ fn read_file(
             header_problems.push(format!("column `{name}` appears twice in the header"));
         }
         columns.push(name);
+    }
+    // A column nobody reads is usually a misspelt one: say so rather than
+    // send the device without it.
+    let known: Vec<&str> = opts
+        .profile
+        .columns
+        .iter()
+        .map(|c| c.name.as_str())
+        .chain(opts.template_columns.iter().map(String::as_str))
+        .chain(opts.pattern.columns())
+        .collect();
+    for c in &columns {
+        if known.contains(&c.as_str()) {
+            continue;
+        }
+        let near = known
+            .iter()
+            .map(|k| (strsim::jaro_winkler(&c.to_lowercase(), k), *k))
+            .filter(|(score, _)| *score >= 0.85)
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        match near {
+            Some((_, k)) if !columns.iter().any(|x| x == k) => header_problems.push(format!(
+                "unknown column `{c}`: did you mean `{k}`? (a column the profile and template do not know is not sent; rename it, or add it to the profile)"
+            )),
+            _ => tracing::warn!(file = %path.display(), column = %c, "this column is not read by the profile or the template; it is ignored"),
+        }
+    }
+    if columns.len() == 1 {
+        if let Some(d) = [",", ";", "\t"].iter().find(|d| columns[0].contains(**d)) {
+            header_problems.push(format!(
+                "the header reads as one column, `{}`, which contains `{}`: is the delimiter right? (--delimiter, or leave it to detection)",
+                columns[0].escape_debug(),
+                d.escape_debug()
+            ));
+        }
     }
     let missing: Vec<&str> = opts
         .profile
@@ -286,13 +331,10 @@ fn read_file(
                     }
                     continue;
                 }
-                ColumnKind::Mac if !raw.trim().is_empty() => match normalise_mac(raw.trim()) {
-                    Some(mac) => mac,
-                    None => {
-                        report(format!(
-                            "`{}` is not a MAC address; expected six hex pairs such as A4:CF:12:00:00:01",
-                            raw.trim().escape_debug()
-                        ));
+                _ if rule.is_some() => match rule.expect("checked").apply(raw.trim()) {
+                    Ok(v) => v,
+                    Err(e) => {
+                        report(e);
                         continue;
                     }
                 },

@@ -6,7 +6,7 @@ use crate::csr::check_csr;
 use crate::error::{Problem, Problems};
 use crate::ingest::{ingest, IngestOptions};
 use crate::profile::{NamePattern, Profile};
-use crate::template::{builtin, Template};
+use crate::template::Template;
 
 /// What one file turned out to be.
 pub enum Verdict {
@@ -14,7 +14,7 @@ pub enum Verdict {
     Bad(Problems),
 }
 
-pub fn lint_file(path: &Path, thing_name: &str) -> Verdict {
+pub fn lint_file(path: &Path, profile: &Profile, thing_name: Option<&str>) -> Verdict {
     let name = path.display().to_string();
     let ext = path
         .extension()
@@ -27,20 +27,26 @@ pub fn lint_file(path: &Path, thing_name: &str) -> Verdict {
     };
     let text = String::from_utf8_lossy(&bytes);
     if ext == "csv" || ext == "tsv" {
-        let profile = Profile::default();
-        let pattern = match NamePattern::parse(thing_name) {
+        let pattern = match NamePattern::parse(thing_name.unwrap_or(&profile.thing_name)) {
             Ok(p) => p,
             Err(e) => return Verdict::Bad(Problems(vec![Problem::new(e.to_string())])),
         };
-        let attrs = Template::check("built-in template", &builtin("lint"))
+        let body = crate::template::builtin_for(
+            "lint",
+            &profile.attributes,
+            profile.thing_type.as_deref(),
+            &profile.thing_groups,
+        );
+        let attrs = Template::check("built-in template", &body)
             .map(|t| t.attribute_columns())
             .unwrap_or_default();
         let opts = IngestOptions {
-            profile: &profile,
+            profile,
             pattern: &pattern,
             attribute_columns: &attrs,
             skip_invalid: false,
-            delimiter: None,
+            delimiter: profile.delimiter,
+            template_columns: &Default::default(),
         };
         return match ingest(&[path.to_path_buf()], &opts) {
             Ok(i) => {

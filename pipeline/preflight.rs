@@ -170,8 +170,13 @@ pub async fn check(aws: &Aws, template: &Template, bucket: &str, rows: &[Row<'_>
                 } else {
                     String::new()
                 };
+                let fix = if lines.len() == rows.len() {
+                    "Create it first, or name another in the template or profile (or with --policy)"
+                } else {
+                    "Create it first, or correct the rows"
+                };
                 problems.push(Problem::new(format!(
-                    "{} `{name}` does not exist in the account; {} line{} use{} it: {}{more}. Create it first, or correct the rows",
+                    "{} `{name}` does not exist in the account; {} line{} use{} it: {}{more}. {fix}",
                     kind.noun(),
                     lines.len(),
                     if lines.len() == 1 { "" } else { "s" },
@@ -182,6 +187,7 @@ pub async fn check(aws: &Aws, template: &Template, bucket: &str, rows: &[Row<'_>
             Err(text) => return Err(Error::infra(format!("checking {} `{name}`: {text}", kind.noun()))),
         }
     }
+    existing_things(aws, rows, &mut problems).await?;
     tracing::info!(
         checked = used.len() + 1,
         problems = problems.len(),
@@ -192,4 +198,50 @@ pub async fn check(aws: &Aws, template: &Template, bucket: &str, rows: &[Row<'_>
     } else {
         Err(Error::Input(problems))
     }
+}
+
+/// Things that already exist with a certificate attached: registering them
+/// again would give each a second certificate.
+async fn existing_things(aws: &Aws, rows: &[Row<'_>], problems: &mut Problems) -> Result<()> {
+    const AT_ONCE: usize = 16;
+    let mut found: Vec<(usize, usize)> = Vec::new();
+    for (chunk_no, chunk) in rows.chunks(AT_ONCE).enumerate() {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, row) in chunk.iter().enumerate() {
+            let aws = aws.clone();
+            let name = row.device.thing_name.clone();
+            set.spawn(async move {
+                let r = aws.iot.list_thing_principals().thing_name(&name).send().await;
+                (
+                    i,
+                    r.map(|p| p.principals().iter().filter(|a| a.contains(":cert/")).count())
+                        .map_err(|e| describe(&e)),
+                )
+            });
+        }
+        while let Some(joined) = set.join_next().await {
+            let (i, r) = joined.map_err(|e| Error::Other(e.into()))?;
+            match r {
+                Ok(0) => {}
+                Ok(n) => found.push((chunk_no * AT_ONCE + i, n)),
+                Err(text) if text.contains("ResourceNotFound") => {}
+                Err(text) => return Err(Error::infra(format!("checking whether things exist: {text}"))),
+            }
+        }
+    }
+    found.sort();
+    for (i, n) in found {
+        let row = &rows[i];
+        problems.push(
+            Problem::new(format!(
+                "thing `{}` already exists in the account with {n} certificate{} attached; registering it again would give it another. Remove the row, or retire the old certificate first (--no-preflight skips this check)",
+                row.device.thing_name,
+                if n == 1 { "" } else { "s" }
+            ))
+            .file(row.file.to_string())
+            .line(row.line)
+            .device(row.device.thing_name.clone()),
+        );
+    }
+    Ok(())
 }

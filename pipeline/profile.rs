@@ -5,7 +5,7 @@
 //! names are matched after trimming surrounding spaces and ignoring case, and
 //! each column may have aliases (`SN`, `Serial No.`).
 
-use crate::error::{Error, Result};
+use crate::error::{Error, Problem, Problems, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ColumnKind {
@@ -17,12 +17,102 @@ pub enum ColumnKind {
     Csr,
 }
 
+/// How a value is rewritten before it is checked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Normalise {
+    #[default]
+    None,
+    Upper,
+    Lower,
+}
+
 #[derive(Clone, Debug)]
 pub struct ColumnRule {
     pub name: String,
     pub aliases: Vec<String>,
     pub required: bool,
     pub kind: ColumnKind,
+    pub normalise: Normalise,
+    /// The whole (normalised) value must match.
+    pub pattern: Option<regex::Regex>,
+    pub min_length: Option<usize>,
+    pub max_length: Option<usize>,
+    /// When not empty, the value must be one of these.
+    pub allowed: Vec<String>,
+    /// For MAC addresses: the separator written between pairs.
+    pub separator: char,
+}
+
+impl ColumnRule {
+    fn new(name: &str, aliases: &[&str], required: bool, kind: ColumnKind) -> ColumnRule {
+        ColumnRule {
+            name: name.into(),
+            aliases: aliases.iter().map(|s| s.to_string()).collect(),
+            required,
+            kind,
+            normalise: Normalise::None,
+            pattern: None,
+            min_length: None,
+            max_length: None,
+            allowed: Vec::new(),
+            separator: ':',
+        }
+    }
+
+    /// Normalises a trimmed value and checks it against the rule.
+    pub fn apply(&self, raw: &str) -> Result<String, String> {
+        let mut v = match self.normalise {
+            Normalise::None => raw.to_string(),
+            Normalise::Upper => raw.to_uppercase(),
+            Normalise::Lower => raw.to_lowercase(),
+        };
+        if v.is_empty() {
+            return Ok(v);
+        }
+        if self.kind == ColumnKind::Mac {
+            v = normalise_mac(&v, self.separator).ok_or_else(|| {
+                format!(
+                    "`{}` is not a MAC address; expected six hex pairs such as A4{s}CF{s}12{s}00{s}00{s}01",
+                    raw.escape_debug(),
+                    s = self.separator
+                )
+            })?;
+        }
+        let len = v.chars().count();
+        if let Some(min) = self.min_length.filter(|m| len < *m) {
+            return Err(format!(
+                "`{}` is {len} characters; at least {min} are required",
+                v.escape_debug()
+            ));
+        }
+        if let Some(max) = self.max_length.filter(|m| len > *m) {
+            return Err(format!(
+                "`{}` is {len} characters; at most {max} are allowed",
+                v.escape_debug()
+            ));
+        }
+        if !self.allowed.is_empty() && !self.allowed.contains(&v) {
+            return Err(format!(
+                "`{}` is not an allowed value; allowed are {}",
+                v.escape_debug(),
+                self.allowed
+                    .iter()
+                    .map(|a| format!("`{a}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        }
+        if let Some(re) = &self.pattern {
+            if !re.is_match(&v) {
+                return Err(format!(
+                    "`{}` does not match the profile's pattern `{}`",
+                    v.escape_debug(),
+                    re.as_str()
+                ));
+            }
+        }
+        Ok(v)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -31,16 +121,19 @@ pub struct Profile {
     /// The thing name pattern: literal text and `{column}` or
     /// `{column|lower}` / `{column|upper}` placeholders.
     pub thing_name: String,
+    /// Columns that the built-in template makes thing attributes.
+    pub attributes: Vec<String>,
+    /// Thing type, thing groups and policy for the built-in template.
+    pub thing_type: Option<String>,
+    pub thing_groups: Vec<String>,
+    pub policy: Option<String>,
+    /// The CSV delimiter; None detects it per file.
+    pub delimiter: Option<u8>,
 }
 
 impl Default for Profile {
     fn default() -> Self {
-        let col = |name: &str, aliases: &[&str], required, kind| ColumnRule {
-            name: name.into(),
-            aliases: aliases.iter().map(|s| s.to_string()).collect(),
-            required,
-            kind,
-        };
+        let col = ColumnRule::new;
         Profile {
             columns: vec![
                 col(
@@ -56,6 +149,11 @@ impl Default for Profile {
                 col("csr", &[], false, ColumnKind::Csr),
             ],
             thing_name: "{serial_number}".into(),
+            attributes: vec!["model".into(), "mac_address".into(), "lot".into()],
+            thing_type: None,
+            thing_groups: Vec::new(),
+            policy: None,
+            delimiter: None,
         }
     }
 }
@@ -71,6 +169,212 @@ impl Profile {
 
     pub fn rule(&self, name: &str) -> Option<&ColumnRule> {
         self.columns.iter().find(|c| c.name == name)
+    }
+}
+
+const TOP_KEYS: [&str; 7] = [
+    "thing_name",
+    "attributes",
+    "thing_type",
+    "thing_groups",
+    "policy",
+    "delimiter",
+    "columns",
+];
+const COLUMN_KEYS: [&str; 9] = [
+    "aliases",
+    "required",
+    "kind",
+    "normalise",
+    "pattern",
+    "min_length",
+    "max_length",
+    "allowed",
+    "separator",
+];
+
+fn nearest<'a>(word: &str, known: &[&'a str]) -> Option<&'a str> {
+    known
+        .iter()
+        .map(|k| (strsim::jaro_winkler(word, k), *k))
+        .filter(|(score, _)| *score > 0.7)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, k)| k)
+}
+
+fn unknown_key(file: &str, at: &str, key: &str, known: &[&str]) -> Problem {
+    let hint = match nearest(key, known) {
+        Some(k) => format!("; did you mean `{k}`?"),
+        None => format!("; known keys are {}", known.join(", ")),
+    };
+    Problem::new(format!("unknown key `{key}`{at}{hint}")).file(file.to_string())
+}
+
+impl Profile {
+    /// Reads a profile (TOML) on top of the default one: columns named in it
+    /// replace or add to the default columns; other keys replace the default.
+    pub fn load(path: &std::path::Path) -> Result<Profile> {
+        let file = path.display().to_string();
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::config(format!("cannot read the profile {file}: {e}")))?;
+        let doc: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+            let (line, col) = e
+                .span()
+                .map(|s| {
+                    let before = &text[..s.start.min(text.len())];
+                    (
+                        before.matches('\n').count() as u64 + 1,
+                        before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) as u64 + 1,
+                    )
+                })
+                .unwrap_or((0, 0));
+            let mut p = Problem::new(format!("the profile is not valid TOML: {}", e.message())).file(file.clone());
+            if line > 0 {
+                p = p.line(line).column_number(col);
+            }
+            Error::from(p)
+        })?;
+        let mut problems = Problems::default();
+        let mut profile = Profile::default();
+        let bad = |problems: &mut Problems, what: String| problems.push(Problem::new(what).file(file.clone()));
+        let strings = |v: &toml::Value| -> Option<Vec<String>> {
+            v.as_array()?.iter().map(|x| x.as_str().map(String::from)).collect()
+        };
+        for (key, value) in &doc {
+            match key.as_str() {
+                "thing_name" => match value.as_str() {
+                    Some(s) => profile.thing_name = s.to_string(),
+                    None => bad(
+                        &mut problems,
+                        "`thing_name` must be a string such as \"{serial_number}\"".into(),
+                    ),
+                },
+                "attributes" => match strings(value) {
+                    Some(v) => profile.attributes = v,
+                    None => bad(&mut problems, "`attributes` must be a list of column names".into()),
+                },
+                "thing_type" => profile.thing_type = value.as_str().map(String::from),
+                "thing_groups" => match strings(value) {
+                    Some(v) => profile.thing_groups = v,
+                    None => bad(&mut problems, "`thing_groups` must be a list of names".into()),
+                },
+                "policy" => profile.policy = value.as_str().map(String::from),
+                "delimiter" => match value.as_str() {
+                    Some(",") => profile.delimiter = Some(b','),
+                    Some(";") => profile.delimiter = Some(b';'),
+                    Some("\t") | Some("tab") => profile.delimiter = Some(b'\t'),
+                    _ => bad(&mut problems, "`delimiter` must be \",\", \";\" or \"tab\"".into()),
+                },
+                "columns" => {
+                    let Some(cols) = value.as_table() else {
+                        bad(
+                            &mut problems,
+                            "`columns` must be a table of [columns.NAME] sections".into(),
+                        );
+                        continue;
+                    };
+                    for (name, spec) in cols {
+                        let Some(spec) = spec.as_table() else {
+                            bad(&mut problems, format!("[columns.{name}] must be a table"));
+                            continue;
+                        };
+                        let mut rule = profile
+                            .rule(name)
+                            .cloned()
+                            .unwrap_or_else(|| ColumnRule::new(name, &[], false, ColumnKind::Text));
+                        for (k, v) in spec {
+                            let at = format!(" in [columns.{name}]");
+                            match k.as_str() {
+                                "aliases" => match strings(v) {
+                                    Some(a) => rule.aliases = a,
+                                    None => bad(&mut problems, format!("`aliases`{at} must be a list of header names")),
+                                },
+                                "required" => match v.as_bool() {
+                                    Some(b) => rule.required = b,
+                                    None => bad(&mut problems, format!("`required`{at} must be true or false")),
+                                },
+                                "kind" => match v.as_str() {
+                                    Some("text") => rule.kind = ColumnKind::Text,
+                                    Some("mac") => rule.kind = ColumnKind::Mac,
+                                    Some("csr") => rule.kind = ColumnKind::Csr,
+                                    _ => bad(
+                                        &mut problems,
+                                        format!("`kind`{at} must be \"text\", \"mac\" or \"csr\""),
+                                    ),
+                                },
+                                "normalise" => match v.as_str() {
+                                    Some("none") => rule.normalise = Normalise::None,
+                                    Some("upper") => rule.normalise = Normalise::Upper,
+                                    Some("lower") => rule.normalise = Normalise::Lower,
+                                    _ => bad(
+                                        &mut problems,
+                                        format!("`normalise`{at} must be \"none\", \"upper\" or \"lower\""),
+                                    ),
+                                },
+                                "pattern" => match v.as_str().map(|p| regex::Regex::new(&format!("^(?:{p})$"))) {
+                                    Some(Ok(re)) => rule.pattern = Some(re),
+                                    Some(Err(e)) => bad(
+                                        &mut problems,
+                                        format!("`pattern`{at} is not a valid regular expression: {e}"),
+                                    ),
+                                    None => bad(&mut problems, format!("`pattern`{at} must be a string")),
+                                },
+                                "min_length" | "max_length" => match v.as_integer().filter(|n| *n >= 0) {
+                                    Some(n) if k == "min_length" => rule.min_length = Some(n as usize),
+                                    Some(n) => rule.max_length = Some(n as usize),
+                                    None => bad(&mut problems, format!("`{k}`{at} must be a whole number")),
+                                },
+                                "allowed" => match strings(v) {
+                                    Some(a) => rule.allowed = a,
+                                    None => bad(&mut problems, format!("`allowed`{at} must be a list of strings")),
+                                },
+                                "separator" => match v.as_str().filter(|s| [":", "-", "."].contains(s)) {
+                                    Some(sep) => rule.separator = sep.chars().next().expect("one char"),
+                                    None => {
+                                        bad(&mut problems, format!("`separator`{at} must be \":\", \"-\" or \".\""))
+                                    }
+                                },
+                                other => problems.push(unknown_key(&file, &at, other, &COLUMN_KEYS)),
+                            }
+                        }
+                        match profile.columns.iter_mut().find(|c| c.name == *name) {
+                            Some(c) => *c = rule,
+                            None => profile.columns.push(rule),
+                        }
+                    }
+                }
+                other => problems.push(unknown_key(&file, "", other, &TOP_KEYS)),
+            }
+        }
+        for a in &profile.attributes {
+            if profile.rule(a).is_none() {
+                bad(
+                    &mut problems,
+                    format!("attribute `{a}` is not a column of the profile; add a [columns.{a}] section"),
+                );
+            }
+            if let Err(e) = crate::rules::check_attribute_name(a) {
+                bad(&mut problems, e);
+            }
+        }
+        if profile.thing_type.is_none() && profile.attributes.len() > 3 {
+            bad(&mut problems, format!(
+                "{} attributes without a thing type: AWS IoT allows 3 attributes on a thing without a type (50 with one); set `thing_type` or name at most 3",
+                profile.attributes.len()
+            ));
+        }
+        if profile.attributes.len() > 50 {
+            bad(
+                &mut problems,
+                format!(
+                    "{} attributes: AWS IoT allows at most 50 on a thing",
+                    profile.attributes.len()
+                ),
+            );
+        }
+        NamePattern::parse(&profile.thing_name)?;
+        problems.into_result()?;
+        Ok(profile)
     }
 }
 
@@ -132,6 +436,19 @@ impl NamePattern {
         if !rest.is_empty() {
             parts.push(Part::Literal(rest.to_string()));
         }
+        for p in &parts {
+            if let Part::Literal(l) = p {
+                if let Some(bad) = l
+                    .chars()
+                    .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-')))
+                {
+                    return Err(Error::config(format!(
+                        "thing name pattern `{pattern}`: the text `{l}` contains `{}`, which thing names do not allow (only [a-zA-Z0-9:_-])",
+                        bad.escape_debug()
+                    )));
+                }
+            }
+        }
         if !parts.iter().any(|p| matches!(p, Part::Column { .. })) {
             return Err(Error::config(format!(
                 "thing name pattern `{pattern}` names no column, so every device would get the same name; use e.g. {{serial_number}}"
@@ -167,15 +484,16 @@ impl NamePattern {
     }
 }
 
-/// Normalises a MAC address to `AA:BB:CC:DD:EE:FF`, from `:`, `-`, `.` or no separators.
-pub fn normalise_mac(raw: &str) -> Option<String> {
+/// Normalises a MAC address to `AA:BB:CC:DD:EE:FF` (with `sep` between the
+/// pairs), from `:`, `-`, `.` or no separators.
+pub fn normalise_mac(raw: &str, sep: char) -> Option<String> {
     let hex: String = raw.chars().filter(|c| !matches!(c, ':' | '-' | '.')).collect();
     if hex.len() != 12 || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
         return None;
     }
     let up = hex.to_ascii_uppercase();
     let pairs: Vec<&str> = (0..6).map(|i| &up[i * 2..i * 2 + 2]).collect();
-    Some(pairs.join(":"))
+    Some(pairs.join(&sep.to_string()))
 }
 
 #[cfg(test)]
@@ -198,9 +516,74 @@ mod tests {
 
     #[test]
     fn mac_forms_normalise_to_one() {
-        assert_eq!(normalise_mac("a4-cf-12-00-00-01").as_deref(), Some("A4:CF:12:00:00:01"));
-        assert_eq!(normalise_mac("a4cf12000001").as_deref(), Some("A4:CF:12:00:00:01"));
-        assert_eq!(normalise_mac("a4:cf:12:00:00"), None);
+        assert_eq!(
+            normalise_mac("a4-cf-12-00-00-01", ':').as_deref(),
+            Some("A4:CF:12:00:00:01")
+        );
+        assert_eq!(normalise_mac("a4cf12000001", '-').as_deref(), Some("A4-CF-12-00-00-01"));
+        assert_eq!(normalise_mac("a4:cf:12:00:00", ':'), None);
+    }
+
+    fn load(text: &str) -> Result<Profile> {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.toml");
+        std::fs::write(&p, text).unwrap();
+        Profile::load(&p)
+    }
+
+    #[test]
+    fn unknown_keys_suggest_the_nearest() {
+        let err = load("thing_nme = \"{serial_number}\"\n[columns.lot]\nrequird = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("unknown key `thing_nme`; did you mean `thing_name`?"),
+            "{err}"
+        );
+        assert!(
+            err.contains("unknown key `requird` in [columns.lot]; did you mean `required`?"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn column_rules_normalise_and_check() {
+        let p = load(
+            "[columns.model]\nallowed = [\"TH-100\", \"TH-200\"]\nnormalise = \"upper\"\n[columns.mac_address]\nseparator = \"-\"\n[columns.site]\npattern = \"[A-Z]{3}\"\nrequired = true\n",
+        )
+        .unwrap();
+        assert_eq!(p.rule("model").unwrap().apply("th-100").unwrap(), "TH-100");
+        assert!(p
+            .rule("model")
+            .unwrap()
+            .apply("TH-300")
+            .unwrap_err()
+            .contains("allowed are `TH-100`, `TH-200`"));
+        assert_eq!(
+            p.rule("mac_address").unwrap().apply("a4cf12000001").unwrap(),
+            "A4-CF-12-00-00-01"
+        );
+        assert!(p.rule("site").unwrap().apply("SEAT").unwrap_err().contains("pattern"));
+        assert!(p.rule("site").unwrap().required);
+    }
+
+    #[test]
+    fn too_many_attributes_without_a_type() {
+        let err = load("attributes = [\"model\", \"lot\", \"mac_address\", \"hardware_revision\"]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("4 attributes without a thing type"), "{err}");
+        assert!(load(
+            "thing_type = \"sensor\"\nattributes = [\"model\", \"lot\", \"mac_address\", \"hardware_revision\"]\n"
+        )
+        .is_ok());
+    }
+
+    #[test]
+    fn toml_errors_name_the_line() {
+        let err = load("thing_name = \"x\"\nattributes = [\n").unwrap_err();
+        let Error::Input(p) = err else { panic!("{err}") };
+        assert_eq!(p.0[0].line, Some(2), "the unclosed list starts on line 2");
     }
 
     #[test]

@@ -26,7 +26,10 @@ pub struct RunOptions {
     pub out: PathBuf,
     pub key_type: KeyType,
     pub template: Option<PathBuf>,
-    pub thing_name: String,
+    /// The profile (TOML); None uses the default one.
+    pub profile: Option<PathBuf>,
+    /// Overrides the profile's thing name pattern.
+    pub thing_name: Option<String>,
     pub policy: Option<String>,
     pub bucket: Option<String>,
     pub prefix: String,
@@ -59,6 +62,14 @@ pub struct Settings {
     /// Follow-up tasks for a device whose line failed for a retryable reason.
     #[serde(default = "default_max_retries")]
     pub max_retries: u32,
+    /// Random, made when the batch is first recorded: it keeps this ledger's
+    /// S3 keys (and so the tasks found by input key) apart from any other
+    /// ledger's run of the same rows.
+    #[serde(default)]
+    pub run_id: String,
+    /// Rows left out under --skip-invalid, with why.
+    #[serde(default)]
+    pub skipped: Vec<String>,
 }
 
 fn default_chunk_size() -> usize {
@@ -157,6 +168,10 @@ pub struct Prepared {
 }
 
 pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
+    let profile = match &opts.profile {
+        Some(p) => Profile::load(p)?,
+        None => Profile::default(),
+    };
     let (template_source, body) = match &opts.template {
         Some(p) => (
             p.display().to_string(),
@@ -164,16 +179,22 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
                 .map_err(|e| Error::config(format!("cannot read the template {}: {e}", p.display())))?,
         ),
         None => {
-            let policy = match (&opts.policy, sandbox_defaults) {
+            let policy = match (opts.policy.as_ref().or(profile.policy.as_ref()), sandbox_defaults) {
                 (Some(p), _) => p.clone(),
                 (None, true) => crate::sandbox_setup::SANDBOX_POLICY.to_string(),
                 (None, false) => {
                     return Err(Error::config(
-                        "the built-in template attaches a policy: name an existing IoT policy with --policy NAME (or give --template FILE)",
+                        "the built-in template attaches a policy: name an existing IoT policy with --policy NAME or `policy` in the profile (or give --template FILE)",
                     ))
                 }
             };
-            ("built-in template".to_string(), crate::template::builtin(&policy))
+            let body = crate::template::builtin_for(
+                &policy,
+                &profile.attributes,
+                profile.thing_type.as_deref(),
+                &profile.thing_groups,
+            );
+            ("built-in template".to_string(), body)
         }
     };
     let template = Template::check(&template_source, &body).map_err(Error::Input)?;
@@ -182,9 +203,14 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
             "{template_source}: the certificate resource must take its CSR from a parameter ({{\"Ref\": \"CSR\"}}) so that provline can supply each device's CSR"
         )));
     }
-    let profile = Profile::default();
-    let pattern = NamePattern::parse(&opts.thing_name)?;
+    let thing_name = opts.thing_name.clone().unwrap_or_else(|| profile.thing_name.clone());
+    let pattern = NamePattern::parse(&thing_name)?;
     let attribute_columns = template.attribute_columns();
+    let template_columns: BTreeSet<String> = template
+        .parameters
+        .keys()
+        .map(|p| crate::template::column_for_param(p))
+        .collect();
     let ingested = ingest(
         &opts.inputs,
         &IngestOptions {
@@ -192,7 +218,8 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
             pattern: &pattern,
             attribute_columns: &attribute_columns,
             skip_invalid: opts.skip_invalid,
-            delimiter: opts.delimiter,
+            delimiter: opts.delimiter.or(profile.delimiter),
+            template_columns: &template_columns,
         },
     )?;
     let mut columns = BTreeSet::new();
@@ -220,7 +247,7 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
         key_type: opts.key_type,
         template_source,
         template_body: body,
-        thing_name: opts.thing_name.clone(),
+        thing_name,
         bucket: opts.bucket.clone().unwrap_or_default(),
         prefix: opts.prefix.trim_matches('/').to_string(),
         role_arn: opts.role_arn.clone().unwrap_or_default(),
@@ -228,6 +255,8 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
         task_timeout_secs: opts.task_timeout.map(|d| d.as_secs()),
         chunk_size: opts.chunk_size,
         max_retries: opts.max_retries,
+        run_id: format!("{:016x}", rand::random::<u64>()),
+        skipped: ingested.skipped.0.iter().map(|p| p.to_string()).collect(),
     };
     // The batch is what is registered: the rows (after skipping), how keys
     // and names are made, and the template. Same inputs, same batch.
@@ -299,10 +328,9 @@ fn template_key(s: &Settings, batch: &str, attempt: i64) -> String {
 
 /// Records a prepared batch in the ledger, refusing rows that conflict with
 /// earlier batches. Returns false when the batch was already there.
-pub fn record_batch(ledger: &mut Ledger, p: &Prepared) -> Result<bool> {
-    if ledger.batch(&p.batch)?.is_some() {
-        return Ok(false);
-    }
+/// Rows that conflict with earlier batches of the ledger: the same serial or
+/// thing name with other data, or a device already provisioned.
+pub fn check_conflicts(ledger: &Ledger, p: &Prepared) -> Result<()> {
     let mut problems = Problems::default();
     for d in &p.devices {
         for (other, row) in ledger.earlier(&p.batch, &d.serial, &d.thing_name)? {
@@ -311,9 +339,27 @@ pub fn record_batch(ledger: &mut Ledger, p: &Prepared) -> Result<bool> {
                 state::REGISTERED | state::BUNDLED | state::SUBMITTED | state::STAGED
             );
             let what = if row.fingerprint != d.fingerprint() {
+                let before: Option<StoredDevice> = serde_json::from_str(&row.record).ok();
+                let mut diff: Vec<String> = Vec::new();
+                if let Some(b) = &before {
+                    if b.thing_name != d.thing_name {
+                        diff.push(format!("thing name `{}` was `{}`", d.thing_name, b.thing_name));
+                    }
+                    let keys: BTreeSet<&String> = b.values.keys().chain(d.values.keys()).collect();
+                    for k in keys {
+                        let (old, new) = (b.values.get(k), d.values.get(k));
+                        if old != new {
+                            diff.push(format!(
+                                "`{k}` is {} here, was {}",
+                                new.map(|v| format!("`{v}`")).unwrap_or_else(|| "absent".into()),
+                                old.map(|v| format!("`{v}`")).unwrap_or_else(|| "absent".into())
+                            ));
+                        }
+                    }
+                }
                 format!(
-                    "serial `{}` / thing `{}` is already in {other} ({}:{}) with different data; provline never re-registers a device silently: correct the row, or remove it if the device was already provisioned",
-                    d.serial, d.thing_name, row.file, row.line
+                    "serial `{}` / thing `{}` is already in {other} ({}:{}) with different data ({}); provline never re-registers a device silently: correct the row, or remove it if the device was already provisioned",
+                    d.serial, d.thing_name, row.file, row.line, if diff.is_empty() { "its rows differ".to_string() } else { diff.join("; ") }
                 )
             } else if live {
                 format!(
@@ -331,7 +377,14 @@ pub fn record_batch(ledger: &mut Ledger, p: &Prepared) -> Result<bool> {
             );
         }
     }
-    problems.into_result()?;
+    problems.into_result()
+}
+
+pub fn record_batch(ledger: &mut Ledger, p: &Prepared) -> Result<bool> {
+    if ledger.batch(&p.batch)?.is_some() {
+        return Ok(false);
+    }
+    check_conflicts(ledger, p)?;
     let settings = serde_json::to_string(&p.settings).map_err(|e| Error::Other(e.into()))?;
     let inputs: Vec<(String, String, usize)> = p
         .files
@@ -992,6 +1045,14 @@ pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &T
         ])
         .map_err(|e| Error::Other(e.into()))?;
     }
+    let settings: Settings = ledger
+        .batch(&ws.batch)?
+        .and_then(|b| serde_json::from_str(&b.settings).ok())
+        .ok_or_else(|| Error::infra(format!("ledger: no settings for {}", ws.batch)))?;
+    for p in &settings.skipped {
+        w.write_record(["", "", "skipped", "", p.as_str()])
+            .map_err(|e| Error::Other(e.into()))?;
+    }
     let csv_bytes = w.into_inner().map_err(|e| Error::Other(anyhow::anyhow!("{e}")))?;
     let io = |p: &std::path::Path, e: std::io::Error| Error::infra(format!("{}: {e}", p.display()));
     let results = ws.dir().join("results.csv");
@@ -1017,6 +1078,8 @@ pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &T
         "registered": registered,
         "failed": failed,
         "bundled": bundled,
+        "skipped": settings.skipped.len(),
+        "skipped_rows": settings.skipped,
         "task_ids": task_ids,
         "attempts": ledger.attempts(&ws.batch)?,
         "stage_seconds": t.0,
@@ -1035,7 +1098,7 @@ pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &T
         registered,
         failed,
         bundled,
-        skipped: 0,
+        skipped: settings.skipped.len(),
         task_ids: task_ids.to_vec(),
         already_done: false,
         stage_seconds: BTreeMap::new(),
@@ -1049,6 +1112,11 @@ pub fn finished_summary(ledger: &Ledger, ws: &Workspace) -> Result<Summary> {
     let bundled = rows.iter().filter(|r| r.state == state::BUNDLED).count();
     let registered = bundled + rows.iter().filter(|r| r.state == state::REGISTERED).count();
     let failed = rows.iter().filter(|r| r.state == state::FAILED).count();
+    let skipped = ledger
+        .batch(&ws.batch)?
+        .and_then(|b| serde_json::from_str::<Settings>(&b.settings).ok())
+        .map(|s| s.skipped.len())
+        .unwrap_or(0);
     Ok(Summary {
         batch: ws.batch.clone(),
         dir: ws.dir(),
@@ -1056,7 +1124,7 @@ pub fn finished_summary(ledger: &Ledger, ws: &Workspace) -> Result<Summary> {
         registered,
         failed,
         bundled,
-        skipped: 0,
+        skipped,
         task_ids: attempts.iter().filter_map(|a| a.task_id.clone()).collect(),
         already_done: true,
         stage_seconds: BTreeMap::new(),

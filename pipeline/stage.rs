@@ -121,7 +121,10 @@ where
             se.err().code().unwrap_or("error"),
             se.err().message().unwrap_or("no message")
         ),
-        SdkError::DispatchFailure(d) => format!("cannot reach the endpoint: {d:?}"),
+        SdkError::DispatchFailure(_) => format!(
+            "cannot reach the endpoint: {}",
+            aws_smithy_types::error::display::DisplayErrorContext(err)
+        ),
         other => format!("{}", aws_smithy_types::error::display::DisplayErrorContext(other)),
     }
 }

@@ -15,29 +15,41 @@ const RESOURCE_TYPES: [&str; 3] = ["AWS::IoT::Thing", "AWS::IoT::Certificate", "
 const PSEUDO_PARAMS: [&str; 2] = ["AWS::Region", "AWS::AccountId"];
 const FUNCTIONS: [&str; 5] = ["Fn::Join", "Fn::Select", "Fn::Split", "Fn::Sub", "Fn::FindInMap"];
 
-/// The built-in bulk template: a thing with three attributes, a certificate
-/// from the CSR, and a named policy. `OverrideSettings` are explicit because
-/// AWS does not document what happens without them.
-pub fn builtin(policy_name: &str) -> String {
+/// The built-in bulk template: a thing with the profile's attributes (and
+/// thing type and groups, when it names them), a certificate from the CSR,
+/// and a named policy. `OverrideSettings` are explicit because AWS does not
+/// document what happens without them.
+pub fn builtin_for(
+    policy_name: &str,
+    attributes: &[String],
+    thing_type: Option<&str>,
+    thing_groups: &[String],
+) -> String {
+    let mut params = serde_json::Map::new();
+    params.insert("ThingName".into(), serde_json::json!({"Type": "String"}));
+    let mut payload = serde_json::Map::new();
+    for a in attributes {
+        let p = param_for_column(a);
+        params.insert(p.clone(), serde_json::json!({"Type": "String"}));
+        payload.insert(a.clone(), serde_json::json!({"Ref": p}));
+    }
+    params.insert("CSR".into(), serde_json::json!({"Type": "String"}));
+    let mut thing = serde_json::json!({
+        "ThingName": {"Ref": "ThingName"},
+        "AttributePayload": payload,
+    });
+    if let Some(t) = thing_type {
+        thing["ThingTypeName"] = t.into();
+    }
+    if !thing_groups.is_empty() {
+        thing["ThingGroups"] = thing_groups.into();
+    }
     let t = serde_json::json!({
-        "Parameters": {
-            "ThingName": {"Type": "String"},
-            "Model": {"Type": "String"},
-            "MacAddress": {"Type": "String"},
-            "Lot": {"Type": "String"},
-            "CSR": {"Type": "String"}
-        },
+        "Parameters": params,
         "Resources": {
             "thing": {
                 "Type": "AWS::IoT::Thing",
-                "Properties": {
-                    "ThingName": {"Ref": "ThingName"},
-                    "AttributePayload": {
-                        "model": {"Ref": "Model"},
-                        "mac_address": {"Ref": "MacAddress"},
-                        "lot": {"Ref": "Lot"}
-                    }
-                },
+                "Properties": thing,
                 "OverrideSettings": {
                     "AttributePayload": "MERGE",
                     "ThingTypeName": "DO_NOTHING",
@@ -59,6 +71,27 @@ pub fn builtin(policy_name: &str) -> String {
         }
     });
     serde_json::to_string_pretty(&t).expect("a JSON value serialises")
+}
+
+/// The built-in template of the default profile.
+pub fn builtin(policy_name: &str) -> String {
+    let p = crate::profile::Profile::default();
+    builtin_for(policy_name, &p.attributes, None, &[])
+}
+
+/// The template parameter for a column: `mac_address` -> `MacAddress`.
+pub fn param_for_column(column: &str) -> String {
+    column
+        .split('_')
+        .filter(|w| !w.is_empty())
+        .map(|w| {
+            let mut c = w.chars();
+            match c.next() {
+                Some(f) => f.to_ascii_uppercase().to_string() + c.as_str(),
+                None => String::new(),
+            }
+        })
+        .collect()
 }
 
 /// A template that passed the check, with what the pipeline needs to know of it.

@@ -355,3 +355,154 @@ fn no_policy_without_the_sandbox_is_a_usage_error() {
     assert_eq!(ran.code, 2, "{}", ran.stderr);
     assert!(ran.stderr.contains("--policy"), "{}", ran.stderr);
 }
+
+#[test]
+fn crlf_files_report_the_lines_an_editor_shows() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = format!("{HEADER}\r\nCL000001,TH-100,A4:CF:12:00:00:01,r2,LOT-A\r\nCL000002,TH-100\r\nCL000001,TH-100,A4:CF:12:00:00:03,r2,LOT-A\r\n");
+    let (ran, out) = run_csv(tmp.path(), "crlf-bad.csv", &text);
+    rejected(&ran, &out);
+    assert!(
+        ran.stderr.contains("crlf-bad.csv:3: expected 5 fields"),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        ran.stderr.contains("crlf-bad.csv:2") && ran.stderr.contains("crlf-bad.csv:4"),
+        "{}",
+        ran.stderr
+    );
+}
+
+#[test]
+fn a_misspelt_column_is_named_with_the_right_spelling() {
+    let tmp = tempfile::tempdir().unwrap();
+    let text = "serial_number,model,mac_adress,lot\nMS000001,TH-100,A4:CF:12:00:00:01,LOT-A\n";
+    let (ran, out) = run_csv(tmp.path(), "typo.csv", text);
+    rejected(&ran, &out);
+    assert!(
+        ran.stderr
+            .contains("unknown column `mac_adress`: did you mean `mac_address`?"),
+        "{}",
+        ran.stderr
+    );
+}
+
+#[test]
+fn a_wrong_delimiter_is_suggested() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write(tmp.path(), "semi.csv", "serial_number;model\nWD1;TH-100\n");
+    let ran = run(provline()
+        .args(["run", "--sandbox", "--dry-run", "--delimiter", ","])
+        .arg(&input));
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(ran.stderr.contains("is the delimiter right?"), "{}", ran.stderr);
+}
+
+#[test]
+fn a_profile_maps_an_mes_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let profile = write(
+        tmp.path(),
+        "mes.toml",
+        r#"
+thing_name = "line-a-{serial_number|lower}"
+attributes = ["model", "mac_address", "site"]
+
+[columns.serial_number]
+aliases = ["SN", "Serial No."]
+pattern = "[A-Z]{2}[0-9]{4}"
+
+[columns.model]
+normalise = "upper"
+allowed = ["TH-100", "TH-200"]
+
+[columns.mac_address]
+aliases = ["MAC"]
+separator = "-"
+
+[columns.site]
+required = true
+"#,
+    );
+    let good = write(
+        tmp.path(),
+        "mes.csv",
+        "Serial No.;Model;MAC;site\nAB0001;th-100;a4cf12000001;SEA\nAB0002;TH-200;A4:CF:12:00:00:02;SEA\n",
+    );
+    let ran = run(provline()
+        .args(["run", "--sandbox", "--dry-run", "--profile"])
+        .arg(&profile)
+        .arg(&good));
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let plan: serde_json::Value = serde_json::from_str(&ran.stdout).unwrap();
+    assert_eq!(plan["sample"][0]["thing_name"], "line-a-ab0001");
+    assert_eq!(
+        plan["template_parameters"],
+        serde_json::json!(["CSR", "MacAddress", "Model", "Site", "ThingName"])
+    );
+    let out = tmp.path().join("out");
+    let ran = run(provline()
+        .args(["run", "--sandbox", "--profile"])
+        .arg(&profile)
+        .arg("--out")
+        .arg(&out)
+        .arg(&good));
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let staged = std::fs::read_to_string(Path::new(ran.stdout.trim()).join("work/attempt-1.ndjson")).unwrap();
+    assert!(
+        staged.contains("\"MacAddress\":\"A4-CF-12-00-00-01\"") && staged.contains("\"Model\":\"TH-100\""),
+        "{staged}"
+    );
+
+    let bad = write(
+        tmp.path(),
+        "bad.csv",
+        "SN,model,site\nAB0003,TH-300,SEA\nab04,TH-100,\n",
+    );
+    let ran = run(provline()
+        .args(["run", "--sandbox", "--dry-run", "--profile"])
+        .arg(&profile)
+        .arg(&bad));
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(
+        ran.stderr
+            .contains("bad.csv:2, column `model`: `TH-300` is not an allowed value; allowed are `TH-100`, `TH-200`"),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        ran.stderr
+            .contains("bad.csv:3, column `serial_number`: `ab04` does not match"),
+        "{}",
+        ran.stderr
+    );
+    assert!(
+        ran.stderr
+            .contains("bad.csv:3, column `site`: a value is required here"),
+        "{}",
+        ran.stderr
+    );
+
+    let typo = write(tmp.path(), "typo.toml", "[columns.lot]\nalowed = [\"A\"]\n");
+    let ran = run(provline().args(["lint", "--profile"]).arg(&typo).arg(&good));
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(
+        ran.stderr
+            .contains("unknown key `alowed` in [columns.lot]; did you mean `allowed`?"),
+        "{}",
+        ran.stderr
+    );
+}
+
+#[test]
+fn a_thing_name_pattern_with_a_bad_character_is_one_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write(tmp.path(), "ok.csv", &csv_rows("PT", 3));
+    let ran = run(provline()
+        .args(["run", "--sandbox", "--dry-run", "--thing-name", "x/{serial_number}"])
+        .arg(&input));
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(ran.stderr.contains("the text `x/` contains `/`"), "{}", ran.stderr);
+    assert_eq!(ran.stderr.matches("contains").count(), 1, "{}", ran.stderr);
+}

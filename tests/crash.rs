@@ -267,8 +267,10 @@ fn crash_run(devices: usize, kills: usize, seed: u64) {
     let command = |first: bool| {
         let mut c = provline_against(&sandbox_url(&addr));
         if first {
+            // Pre-flight is tested elsewhere; here it would only multiply the faults.
             c.args([
                 "run",
+                "--no-preflight",
                 "--bucket",
                 BUCKET,
                 "--policy",
@@ -302,7 +304,8 @@ fn crash_run(devices: usize, kills: usize, seed: u64) {
     while total(&hits, random_kills) < kills {
         runs += 1;
         assert!(runs < kills * 4, "the batch ended before {kills} kills");
-        let first = runs == 1;
+        // `run` until the ledger holds the batch, `resume` after.
+        let first = !recorded(&out);
         if !restarted && total(&hits, random_kills) >= kills / 2 {
             // The AWS side goes away in the middle of a task and comes back with its state.
             restarted = true;
@@ -336,9 +339,9 @@ fn crash_run(devices: usize, kills: usize, seed: u64) {
             }
             continue;
         }
-        let point = match runs {
-            1 => "keygen",
-            2 => "persist",
+        let point = match (hits.contains_key("keygen"), hits.contains_key("persist")) {
+            (false, _) => "keygen",
+            (true, false) => "persist",
             _ => per_attempt[(runs + offset) % per_attempt.len()],
         };
         let nth = match point {
@@ -346,7 +349,7 @@ fn crash_run(devices: usize, kills: usize, seed: u64) {
             "polling" => rng.random_range(1..3),
             _ => 1,
         };
-        let mut cmd = command(first && point == "keygen");
+        let mut cmd = command(first);
         cmd.env("PROVLINE_FAILPOINT", format!("{point}:{nth}"));
         let ran = run(&mut cmd);
         match ran.code {
@@ -405,6 +408,16 @@ fn crash_run(devices: usize, kills: usize, seed: u64) {
         f.tasks_started, f.attempts_in_report,
         "every task started is an attempt report.json accounts for"
     );
+}
+
+fn recorded(out: &Path) -> bool {
+    let ledger = out.join("ledger.sqlite");
+    ledger.exists()
+        && !provline::ledger::Ledger::open(&ledger)
+            .unwrap()
+            .batches()
+            .unwrap()
+            .is_empty()
 }
 
 fn sandbox_url(addr: &str) -> String {

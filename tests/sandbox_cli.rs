@@ -277,3 +277,84 @@ fn pipeline_s3_calls_work_against_moto() {
         assert_eq!(t.body.collect().await.unwrap().into_bytes().as_ref(), b"{}");
     });
 }
+
+/// The same rows sent from a second output directory (another ledger) to the
+/// same account: refused before anything is sent, never mixed up with the
+/// first run's task.
+#[test]
+fn a_second_ledger_cannot_register_the_same_things_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = serve(&tmp.path().join("state"), &[]);
+    let input = write(tmp.path(), "twice.csv", &csv_rows("TW", 4));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let aws = provline::aws::Aws::connect(&provline::sandbox_setup::connection(&server.url)).await;
+        provline::sandbox_setup::prepare_account(&aws, "twice", Some("twice-policy"))
+            .await
+            .unwrap();
+    });
+    let go = |out: &str| {
+        run(provline()
+            .env("AWS_ACCESS_KEY_ID", provline_sandbox::ACCESS_KEY_ID)
+            .env("AWS_SECRET_ACCESS_KEY", provline_sandbox::SECRET_ACCESS_KEY)
+            .env("AWS_REGION", "us-east-1")
+            .args([
+                "run",
+                "--endpoint-url",
+                &server.url,
+                "--bucket",
+                "twice",
+                "--policy",
+                "twice-policy",
+            ])
+            .args(["--role-arn", "arn:aws:iam::123456789012:role/r", "--out"])
+            .arg(tmp.path().join(out))
+            .arg(&input))
+    };
+    let first = go("out-1");
+    assert_eq!(first.code, 0, "{}", first.stderr);
+    let second = go("out-2");
+    assert_eq!(second.code, 2, "{}", second.stderr);
+    assert!(
+        second
+            .stderr
+            .contains("thing `TW000001` already exists in the account with 1 certificate attached"),
+        "{}",
+        second.stderr
+    );
+    assert!(
+        !tmp.path().join("out-2/ledger.sqlite").exists() || {
+            let l = provline::ledger::Ledger::open(&tmp.path().join("out-2/ledger.sqlite")).unwrap();
+            l.batches().unwrap().is_empty()
+        }
+    );
+}
+
+#[test]
+fn missing_credentials_are_a_configuration_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write(tmp.path(), "c.csv", &csv_rows("NC", 1));
+    let ran = run(provline()
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_PROFILE")
+        .env("AWS_CONFIG_FILE", tmp.path().join("none"))
+        .env("AWS_SHARED_CREDENTIALS_FILE", tmp.path().join("none"))
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .args([
+            "run",
+            "--endpoint-url",
+            "http://127.0.0.1:9",
+            "--region",
+            "us-east-1",
+            "--bucket",
+            "b",
+            "--policy",
+            "p",
+        ])
+        .args(["--role-arn", "arn:aws:iam::123456789012:role/r", "--out"])
+        .arg(tmp.path().join("out"))
+        .arg(&input));
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(ran.stderr.contains("no AWS credentials found"), "{}", ran.stderr);
+}
