@@ -45,7 +45,7 @@ pub enum LogFormat {
 pub enum Command {
     /// The whole pipeline for one batch: ingest, keygen, stage, register, reconcile, bundle, report.
     #[command(after_help = EXIT_CODES)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Continue unfinished batches of an output directory from where they stopped.
     #[command(after_help = EXIT_CODES)]
     Resume(ResumeArgs),
@@ -258,7 +258,7 @@ pub fn main() -> i32 {
 
 async fn dispatch(command: Command) -> Result<i32> {
     match command {
-        Command::Run(args) => run_command(args).await,
+        Command::Run(args) => run_command(*args).await,
         Command::Resume(args) => resume_command(args).await,
         Command::Status(args) => status_command(args),
         Command::Lint(args) => Ok(lint_command(args)),

@@ -57,13 +57,16 @@ fn resolve(
     }
 }
 
+/// Where a name is used: file and line of each row.
+type Uses = BTreeMap<(Kind, String), Vec<(String, u64)>>;
+
 /// Every (kind, name) the lines use, with the rows that use it.
-fn names_used(template: &Template, rows: &[Row<'_>]) -> Result<BTreeMap<(Kind, String), Vec<(String, u64)>>> {
+fn names_used(template: &Template, rows: &[Row<'_>]) -> Result<Uses> {
     let body: Value = serde_json::from_str(&template.body).map_err(|e| Error::Other(e.into()))?;
     let resources = &body["Resources"];
     let thing = template.thing_resource.as_ref().map(|r| &resources[r]["Properties"]);
     let policy = template.policy_resource.as_ref().map(|r| &resources[r]["Properties"]);
-    let mut used: BTreeMap<(Kind, String), Vec<(String, u64)>> = BTreeMap::new();
+    let mut used: Uses = BTreeMap::new();
     for row in rows {
         let text = registration_line(template, &row.device, "").map_err(Error::config)?;
         let line: serde_json::Map<String, Value> = serde_json::from_str(&text).map_err(|e| Error::Other(e.into()))?;
