@@ -552,6 +552,7 @@ fn status_command(args: StatusArgs) -> Result<i32> {
     }
     let ledger = Ledger::open(&ledger_path)?;
     let mut out = Vec::new();
+    let mut per_device = Vec::new();
     for b in ledger.batches()? {
         if args.batch.as_ref().is_some_and(|want| &b.id != want) {
             continue;
@@ -562,13 +563,25 @@ fn status_command(args: StatusArgs) -> Result<i32> {
             *counts.entry(d.state.clone()).or_default() += 1;
         }
         let attempts = ledger.attempts(&b.id)?;
+        if args.batch.is_some() {
+            per_device = devices.clone();
+        }
         out.push(serde_json::json!({
             "batch": b.id, "state": b.state, "devices": devices.len(), "states": counts,
             "tasks": attempts.iter().map(|a| serde_json::json!({"attempt": a.attempt, "task_id": a.task_id, "status": a.task_status})).collect::<Vec<_>>(),
         }));
     }
+    if let Some(want) = &args.batch {
+        if out.is_empty() {
+            return Err(Error::config(format!("no batch `{want}` in {}", ledger_path.display())));
+        }
+    }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&out).expect("json"));
+        let mut doc = serde_json::to_value(&out).expect("json");
+        if args.batch.is_some() {
+            doc = serde_json::json!({"batch": out[0], "devices": per_device});
+        }
+        println!("{}", serde_json::to_string_pretty(&doc).expect("json"));
     } else {
         println!(
             "{:<20} {:<6} {:>8}  {:<40} tasks",
@@ -598,10 +611,32 @@ fn status_command(args: StatusArgs) -> Result<i32> {
                 "{:<20} {:<6} {:>8}  {:<40} {}",
                 b["batch"].as_str().unwrap_or(""),
                 b["state"].as_str().unwrap_or(""),
-                b["devices"],
+                b["devices"].as_u64().unwrap_or(0),
                 states,
                 tasks
             );
+        }
+        if !per_device.is_empty() {
+            println!();
+            println!(
+                "{:<24} {:<24} {:<11} {:<13} error",
+                "serial_number", "thing_name", "state", "certificate"
+            );
+            for d in &per_device {
+                let cert = d
+                    .certificate_id
+                    .as_deref()
+                    .map(|c| &c[..c.len().min(12)])
+                    .unwrap_or("-");
+                let err = match (&d.error_class, &d.error) {
+                    (Some(c), Some(e)) => format!("{c}: {e}"),
+                    _ => String::new(),
+                };
+                println!(
+                    "{:<24} {:<24} {:<11} {:<13} {err}",
+                    d.serial, d.thing_name, d.state, cert
+                );
+            }
         }
     }
     Ok(exit::OK)
