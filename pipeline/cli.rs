@@ -384,7 +384,13 @@ async fn run_command(args: RunArgs) -> Result<i32> {
         tracing::warn!("skipped: {p}");
     }
     if opts.dry_run {
-        let plan = run::plan(&prepared, &opts.out);
+        let mut plan = run::plan(&prepared, &opts.out);
+        let ledger_path = opts.out.join(run::LEDGER_FILE);
+        if ledger_path.exists() {
+            let ledger = Ledger::open(&ledger_path)?;
+            plan["already_in_ledger"] = ledger.batch(&prepared.batch)?.is_some().into();
+            plan["already_finished"] = run::is_done(&ledger, &prepared.batch)?.into();
+        }
         println!("{}", serde_json::to_string_pretty(&plan).expect("json"));
         return Ok(exit::OK);
     }

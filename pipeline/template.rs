@@ -131,8 +131,13 @@ impl Template {
         let json: Value = match serde_json::from_str(body) {
             Ok(v) => v,
             Err(e) => {
+                let hint = if body.trim_start().starts_with("{'") || e.to_string().contains("key must be a string") {
+                    " (JSON needs double quotes around keys and strings; this looks like a Python dict)"
+                } else {
+                    ""
+                };
                 problems.push(Problem {
-                    message: format!("the template is not valid JSON: {e}"),
+                    message: format!("the template is not valid JSON: {e}{hint}"),
                     ..at().line(e.line() as u64).column_number(e.column() as u64)
                 });
                 return Err(problems);
@@ -299,7 +304,7 @@ impl Template {
                             "a policy needs a non-empty `PolicyName` or a `PolicyDocument`".into(),
                         )),
                         (Some(Value::String(s)), None) if s.trim().is_empty() => problems.push(here(
-                            "`PolicyName` is empty; name an existing IoT policy (--policy NAME) or give a PolicyDocument".into(),
+                            "`PolicyName` is empty; name an existing IoT policy here, or give a `PolicyDocument` instead (--policy NAME sets it only in the built-in template)".into(),
                         )),
                         (Some(Value::String(s)), None) => t.policy_name = Some(s.clone()),
                         (None, Some(Value::String(s))) if s.trim().is_empty() => problems.push(here(
