@@ -45,15 +45,20 @@ fn devices(n: usize, dir: &std::path::Path) -> (Vec<Device>, PathBuf) {
 }
 
 fn bench_ingest(c: &mut Criterion) {
+    for n in [100_000, 1_000_000] {
+        bench_ingest_rows(c, n);
+    }
+}
+
+fn bench_ingest_rows(c: &mut Criterion, n: usize) {
     let dir = tempfile::tempdir().unwrap();
-    let n = 100_000;
     let (_, path) = devices(10, dir.path());
     std::fs::write(&path, csv(n)).unwrap();
     let profile = Profile::default();
     let no_columns = BTreeSet::new();
     let pattern = NamePattern::parse("{serial_number}").unwrap();
     let attrs: BTreeSet<String> = ["model", "mac_address", "lot"].into_iter().map(String::from).collect();
-    let mut g = c.benchmark_group("ingest");
+    let mut g = c.benchmark_group(format!("ingest-{n}"));
     g.sample_size(10).throughput(Throughput::Elements(n as u64));
     g.bench_function("primitive: csv crate read of every record", |b| {
         b.iter(|| {

@@ -165,6 +165,48 @@ mod tests {
         assert!(err.contains("RSA keys of at least 2048 bits"), "{err}");
     }
 
+    /// Re-encodes a CSR with an explicit NULL in its ECDSA signature
+    /// algorithm identifier, as some old libraries write it.
+    fn with_explicit_null(pem_text: &str) -> String {
+        let der = ::pem::parse(pem_text.as_bytes()).unwrap().into_contents();
+        let ecdsa_sha256 = [0x30, 0x0a, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02];
+        let at = der
+            .windows(ecdsa_sha256.len())
+            .rposition(|w| w == ecdsa_sha256)
+            .unwrap();
+        let mut body = der[..at].to_vec();
+        body.extend_from_slice(&[
+            0x30, 0x0c, 0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02, 0x05, 0x00,
+        ]);
+        body.extend_from_slice(&der[at + ecdsa_sha256.len()..]);
+        // Fix the outer SEQUENCE length (two bytes longer now).
+        let (header, len) = match body[1] {
+            0x81 => (3, body[2] as usize),
+            0x82 => (4, u16::from_be_bytes([body[2], body[3]]) as usize),
+            n => (2, n as usize),
+        };
+        let content = body[header..].to_vec();
+        assert_eq!(content.len(), len + 2);
+        let mut out = vec![0x30];
+        if content.len() < 0x80 {
+            out.push(content.len() as u8);
+        } else if content.len() < 0x100 {
+            out.extend_from_slice(&[0x81, content.len() as u8]);
+        } else {
+            out.push(0x82);
+            out.extend_from_slice(&(content.len() as u16).to_be_bytes());
+        }
+        out.extend_from_slice(&content);
+        to_pem("CERTIFICATE REQUEST", &out)
+    }
+
+    #[test]
+    fn an_explicit_null_in_the_ecdsa_identifier_gets_a_precise_verdict() {
+        let odd = with_explicit_null(&csr_for(&rcgen::PKCS_ECDSA_P256_SHA256));
+        let err = check_csr(&odd).unwrap_err();
+        assert!(err.contains("explicit NULL") && err.contains("RFC 5758"), "{err}");
+    }
+
     #[test]
     fn a_path_is_not_a_pem() {
         let err = check_csr("/var/lib/mes/SN1.csr").unwrap_err();

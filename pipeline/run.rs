@@ -568,7 +568,7 @@ pub async fn continue_batch(
                 None => break,
             },
         };
-        run_attempt(ledger, ws, s, aws, &template, &keys, attempt, &mut t).await?;
+        run_attempt(ledger, ws, s, aws, &template, &keys, attempt, &mut endpoint, &mut t).await?;
         bundle_stage(ledger, ws, aws, &keys, &mut endpoint, &mut t).await?;
     }
     bundle_stage(ledger, ws, aws, &keys, &mut endpoint, &mut t).await?;
@@ -661,6 +661,7 @@ async fn next_attempt(
 }
 
 /// Stage, register and reconcile one attempt, from wherever it stopped.
+/// While its task runs in AWS, the devices of earlier attempts are bundled.
 #[allow(clippy::too_many_arguments)]
 async fn run_attempt(
     ledger: &mut Ledger,
@@ -670,6 +671,7 @@ async fn run_attempt(
     template: &Template,
     keys: &HashMap<String, Keyed>,
     mut attempt: AttemptRow,
+    endpoint: &mut Option<String>,
     t: &mut Timings,
 ) -> Result<()> {
     let rows = ledger.devices(&ws.batch)?;
@@ -745,6 +747,8 @@ async fn run_attempt(
         attempt.task_id = Some(id);
     }
     let task_id = attempt.task_id.clone().expect("set above");
+    // The task registers at AWS's pace: use the time to bundle the previous chunk.
+    bundle_stage(ledger, ws, aws, keys, endpoint, t).await?;
     if !attempt.task_status.as_deref().is_some_and(crate::register::is_terminal) {
         let end = crate::register::follow(aws, &task_id, lines, deadline).await?;
         crate::failpoint::hit("task-end");

@@ -374,3 +374,27 @@ fn a_changed_row_for_a_provisioned_serial_is_a_conflict() {
     );
     assert!(ran.stderr.contains("b.csv:2"), "{}", ran.stderr);
 }
+
+#[test]
+fn a_batch_larger_than_a_chunk_registers_chunk_after_chunk() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let ran = run(provline()
+        .args(["run", "--sandbox", "--chunk-size", "60", "--out"])
+        .arg(&out)
+        .arg(fixture("batch-200.csv")));
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let dir = batch_dir(&ran.stdout);
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    let attempts = report["attempts"].as_array().unwrap();
+    assert_eq!(attempts.len(), 4, "200 devices in chunks of 60");
+    let lines: Vec<u64> = attempts.iter().map(|a| a["lines"].as_u64().unwrap()).collect();
+    assert_eq!(lines, vec![60, 60, 60, 20]);
+    assert_eq!(report["bundled"], 200);
+    let reg = registry(
+        &out.join(".sandbox"),
+        &["TH100-000001".to_string(), "TH100-000200".to_string()],
+    );
+    assert_eq!(reg.tasks, 4);
+    assert!(reg.principals.values().all(|p| p.len() == 1));
+}
