@@ -955,6 +955,7 @@ async fn fetch_certificate(aws: &Aws, id: &str, key: &KeyId) -> Verdict {
 
 /// For a device no report accounts for: is there an active certificate with
 /// its key attached to its thing?
+// TODO(unattached-certificates): a line that failed after creating its certificate but before attaching it leaves a certificate this lookup cannot see; finding it means listing every certificate in the account.
 async fn lookup_registry(aws: &Aws, thing: &str, key: &KeyId, hint: Option<String>) -> Verdict {
     let principals = match aws.iot.list_thing_principals().thing_name(thing).send().await {
         Ok(p) => p.principals().to_vec(),
