@@ -44,6 +44,23 @@ pub enum Verdict {
     },
 }
 
+impl Verdict {
+    /// Registered when the certificate carries the device's key (and the id
+    /// AWS gave it), a verification failure otherwise.
+    pub fn of_certificate(pem: &str, arn_id: Option<&str>, key: &KeyId) -> Verdict {
+        match verify_certificate(pem, arn_id, key) {
+            Ok((certificate_id, certificate_pem)) => Verdict::Registered {
+                certificate_id,
+                certificate_pem,
+            },
+            Err(message) => Verdict::Failed {
+                class: "verification".into(),
+                message,
+            },
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Reconciled {
     pub verdicts: Vec<Verdict>,
@@ -176,16 +193,7 @@ pub fn reconcile(
         let cert_id = cert_arn.as_deref().map(last_segment).map(String::from);
         let pem = get(resp, "CertificatePem").and_then(Value::as_str);
         out.verdicts[index] = match (pem, cert_id) {
-            (Some(pem), id) => match verify_certificate(pem, id.as_deref(), &staged[index].key) {
-                Ok((certificate_id, certificate_pem)) => Verdict::Registered {
-                    certificate_id,
-                    certificate_pem,
-                },
-                Err(e) => Verdict::Failed {
-                    class: "verification".into(),
-                    message: e,
-                },
-            },
+            (Some(pem), id) => Verdict::of_certificate(pem, id.as_deref(), &staged[index].key),
             (None, Some(id)) => Verdict::NeedsCertificate { certificate_id: id },
             (None, None) => Verdict::Unknown {
                 hint: Some("the RESULTS line names the thing but neither a certificate nor its ARN".into()),

@@ -932,16 +932,7 @@ async fn bundle_stage(
 async fn fetch_certificate(aws: &Aws, id: &str, key: &KeyId) -> Verdict {
     match aws.iot.describe_certificate().certificate_id(id).send().await {
         Ok(d) => match d.certificate_description().and_then(|c| c.certificate_pem()) {
-            Some(pem) => match verify_certificate(pem, Some(id), key) {
-                Ok((certificate_id, certificate_pem)) => Verdict::Registered {
-                    certificate_id,
-                    certificate_pem,
-                },
-                Err(e) => Verdict::Failed {
-                    class: "verification".into(),
-                    message: e,
-                },
-            },
+            Some(pem) => Verdict::of_certificate(pem, Some(id), key),
             None => Verdict::Failed {
                 class: "verification".into(),
                 message: format!("DescribeCertificate {id} returned no PEM"),

@@ -1,7 +1,8 @@
 //! Helpers shared by the integration tests.
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 
 pub fn provline() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_provline"));
@@ -111,4 +112,41 @@ pub fn validate_schema(schema: &str, file: &Path) -> bool {
         String::from_utf8_lossy(&out.stderr)
     );
     true
+}
+
+/// `provline sandbox serve` in a child process, killed when dropped.
+pub struct Served {
+    pub child: Child,
+    pub url: String,
+}
+
+impl Served {
+    /// Starts it on `addr` (port 0 picks one) and reads the URL it prints first.
+    pub fn start(state: &Path, addr: &str, extra: &[&str]) -> Served {
+        let mut child = provline()
+            .args(["sandbox", "serve", "--addr", addr, "--state"])
+            .arg(state)
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let url = line.trim().to_string();
+        assert!(
+            url.starts_with("http://127.0.0.1:"),
+            "serve prints its endpoint URL first: {url:?}"
+        );
+        Served { child, url }
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

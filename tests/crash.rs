@@ -3,9 +3,8 @@
 //! of design.md intact.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
@@ -42,40 +41,18 @@ fn calm(url: &str) -> serde_json::Value {
     })
 }
 
-struct Sandbox {
-    child: Child,
-    url: String,
-}
+/// The sandbox, always with the same seed.
+struct Sandbox;
 
 impl Sandbox {
-    fn start(state: &Path, extra: &[&str]) -> Sandbox {
+    fn start(state: &Path, extra: &[&str]) -> Served {
         Sandbox::start_at(state, "127.0.0.1:0", extra)
     }
 
-    fn start_at(state: &Path, addr: &str, extra: &[&str]) -> Sandbox {
-        let mut child = provline()
-            .args(["sandbox", "serve", "--addr", addr, "--seed", "7", "--state"])
-            .arg(state)
-            .args(extra)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        Sandbox {
-            child,
-            url: line.trim().to_string(),
-        }
-    }
-}
-
-impl Drop for Sandbox {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+    fn start_at(state: &Path, addr: &str, extra: &[&str]) -> Served {
+        let mut args = vec!["--seed", "7"];
+        args.extend_from_slice(extra);
+        Served::start(state, addr, &args)
     }
 }
 

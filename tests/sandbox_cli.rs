@@ -1,45 +1,15 @@
 //! Conformance with clients we did not write: the AWS CLI against
 //! `provline sandbox serve`, and our S3 calls against moto's server.
 
-use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
 
-struct Server {
-    child: Child,
-    url: String,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(state: &Path, extra: &[&str]) -> Server {
-    let mut child = provline()
-        .args(["sandbox", "serve", "--addr", "127.0.0.1:0", "--state"])
-        .arg(state)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line.trim().to_string();
-    assert!(
-        url.starts_with("http://127.0.0.1:"),
-        "serve prints its endpoint URL first: {url:?}"
-    );
-    Server { child, url }
+fn serve(state: &Path, extra: &[&str]) -> Served {
+    Served::start(state, "127.0.0.1:0", extra)
 }
 
 fn aws_cli_available() -> bool {
@@ -220,7 +190,7 @@ fn pipeline_s3_calls_work_against_moto() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let _guard = Server {
+    let _guard = Served {
         child,
         url: String::new(),
     };
