@@ -171,6 +171,20 @@ async fn state_survives_a_restart() {
     sb.shutdown().await.unwrap();
 }
 
+/// Gives the embedded sandbox account of `out` a thing type before a run.
+fn with_thing_type(out: &Path, name: &str) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (sb, aws) = sandbox(provline_sandbox::Config {
+            state_dir: Some(out.join(".sandbox")),
+            ..Default::default()
+        })
+        .await;
+        aws.iot.create_thing_type().thing_type_name(name).send().await.unwrap();
+        sb.shutdown().await.unwrap();
+    });
+}
+
 /// A template whose thing type comes from a column, so chosen rows fail on their own.
 fn typed_template() -> String {
     let mut t: serde_json::Value =
@@ -192,21 +206,7 @@ fn run_with_format(dir: &Path, format: &str) -> (Ran, std::path::PathBuf) {
     let input = write(dir, "rf.csv", &csv);
     let out = dir.join(format!("out-{}", format.replace([':', ','], "_")));
     // The account has the thing type `sensor` before the run.
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (sb, aws) = sandbox(provline_sandbox::Config {
-            state_dir: Some(out.join(".sandbox")),
-            ..Default::default()
-        })
-        .await;
-        aws.iot
-            .create_thing_type()
-            .thing_type_name("sensor")
-            .send()
-            .await
-            .unwrap();
-        sb.shutdown().await.unwrap();
-    });
+    with_thing_type(&out, "sensor");
     let ran = run(provline()
         .args([
             "run",
@@ -269,21 +269,7 @@ fn preflight_catches_a_missing_thing_type_before_upload() {
     }
     let input = write(tmp.path(), "pf.csv", &csv);
     let out = tmp.path().join("out");
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    rt.block_on(async {
-        let (sb, aws) = sandbox(provline_sandbox::Config {
-            state_dir: Some(out.join(".sandbox")),
-            ..Default::default()
-        })
-        .await;
-        aws.iot
-            .create_thing_type()
-            .thing_type_name("sensor")
-            .send()
-            .await
-            .unwrap();
-        sb.shutdown().await.unwrap();
-    });
+    with_thing_type(&out, "sensor");
     let ran = run(provline()
         .args(["run", "--sandbox", "--out"])
         .arg(&out)
