@@ -107,7 +107,7 @@ fn bench_keygen(c: &mut Criterion) {
     g.bench_function("stage: generate_all", |b| {
         b.iter_batched(
             || (),
-            |_| generate_all(&devs, KeyType::EcP256).len(),
+            |_| generate_all(&devs, KeyType::EcP256, None).len(),
             BatchSize::PerIteration,
         )
     });

@@ -60,6 +60,10 @@ pub struct BundleInput<'a> {
     pub key_type: &'a str,
     pub endpoint: &'a str,
     pub batch: &'a str,
+    /// Certificates the device presents after its own (the factory CA and
+    /// above), for JITP and JITR; written after the leaf, as PEM.
+    pub chain_pem: Option<&'a str>,
+    pub mode: &'a str,
 }
 
 #[derive(serde::Serialize)]
@@ -74,6 +78,9 @@ struct DeviceJson<'a> {
     private_key_on_device: bool,
     batch: &'a str,
     root_ca: [&'a str; 2],
+    mode: &'a str,
+    /// Whether certificate.pem.crt holds the chain after the device certificate.
+    certificate_chain: bool,
 }
 
 /// Writes one bundle into a temporary directory and renames it into place;
@@ -125,10 +132,17 @@ pub fn write_bundle(ws: &Workspace, b: &BundleInput<'_>) -> Result<Vec<(PathBuf,
         private_key_on_device: b.key_pem.is_none(),
         batch: b.batch,
         root_ca: [ROOT_CA1_FILE, ROOT_CA3_FILE],
+        mode: b.mode,
+        certificate_chain: b.chain_pem.is_some(),
     };
     let mut device_json = serde_json::to_string_pretty(&device).map_err(|e| e.to_string())?;
     device_json.push('\n');
-    let cert_pem = to_pem("CERTIFICATE", &cert.der);
+    let mut cert_pem = to_pem("CERTIFICATE", &cert.der);
+    if let Some(chain) = b.chain_pem {
+        for block in ::pem::parse_many(chain.as_bytes()).map_err(|e| format!("the CA chain does not parse: {e}"))? {
+            cert_pem.push_str(&to_pem("CERTIFICATE", block.contents()));
+        }
+    }
     let mut files: Vec<(&str, Vec<u8>, u32)> = vec![
         (CERT_FILE, cert_pem.into_bytes(), 0o644),
         (ROOT_CA1_FILE, ca1.clone().into_bytes(), 0o644),

@@ -11,7 +11,7 @@ use crate::aws::{Aws, Connection};
 use crate::error::{exit, Error, Result};
 use crate::keygen::KeyType;
 use crate::ledger::Ledger;
-use crate::run::{self, RunOptions, Settings};
+use crate::run::{self, Mode, RunOptions, Settings};
 use crate::sandbox_setup;
 use crate::workspace::Workspace;
 
@@ -53,6 +53,15 @@ pub enum Command {
     Status(StatusArgs),
     /// Check CSVs, CSRs and templates; send nothing.
     Lint(LintArgs),
+    /// The factory CA: make or import it, register it with AWS IoT, show its state.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+    /// JITR: activate the pending certificates of a batch (and only those), with their things.
+    Approve(ApproveArgs),
+    /// Connect with each bundle of a batch (TLS + MQTT CONNECT) and report which connect.
+    Verify(VerifyArgs),
     /// The local AWS IoT + S3 stand-in.
     Sandbox {
         #[command(subcommand)]
@@ -139,6 +148,124 @@ pub struct RunArgs {
     /// Follow-up tasks for devices whose lines failed for a retryable reason.
     #[arg(long, default_value_t = 2)]
     pub max_retries: u32,
+    /// How certificates are made: aws-csr (AWS signs CSRs), byoca (your CA signs,
+    /// a bulk task registers), jitp or jitr (your CA signs, devices register at first connect).
+    #[arg(long, value_enum, default_value_t = Mode::AwsCsr)]
+    pub mode: Mode,
+    /// The factory CA directory (from `provline ca init` or `ca import`), for byoca, jitp and jitr.
+    #[arg(long, value_name = "DIR")]
+    pub ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Make a new factory CA: ca.pem.crt and ca.pem.key (0600), path length 0.
+    Init {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(long, value_enum, default_value_t = KeyType::EcP256)]
+        key_type: KeyType,
+        #[arg(long, default_value = "provline factory CA")]
+        common_name: String,
+        #[arg(long)]
+        organization: Option<String>,
+        /// Two-letter country code, e.g. DE.
+        #[arg(long)]
+        country: Option<String>,
+        #[arg(long, default_value_t = 3650)]
+        validity_days: u32,
+    },
+    /// Take an existing CA certificate and its key (PEM), with the chain above an intermediate.
+    Import {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        cert: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        /// The certificates above an intermediate CA, nearest first.
+        #[arg(long, value_name = "FILE")]
+        chain: Option<PathBuf>,
+    },
+    /// Register the CA with AWS IoT (proof of possession with the registration code) and activate it.
+    Register(CaRegisterArgs),
+    /// What AWS IoT holds about the CA and the device certificates it signed.
+    Status {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+        /// Where the embedded sandbox keeps its state (the same --out as `run`).
+        #[arg(long, default_value = "provline-out")]
+        out: PathBuf,
+        #[command(flatten)]
+        aws: AwsArgs,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct CaRegisterArgs {
+    #[arg(long, value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Register without a verification certificate (SNI_ONLY, for several accounts).
+    #[arg(long)]
+    pub sni_only: bool,
+    /// Auto-registration without a template: unknown devices become pending (JITR).
+    #[arg(long, conflicts_with_all = ["jitp_template", "jitp_template_name"])]
+    pub jitr: bool,
+    /// Auto-registration with this JITP template (JSON), run under --role-arn.
+    #[arg(long, value_name = "FILE", conflicts_with = "jitp_template_name")]
+    pub jitp_template: Option<PathBuf>,
+    /// Auto-registration with an existing provisioning template of type JITP, by name.
+    #[arg(long, value_name = "NAME")]
+    pub jitp_template_name: Option<String>,
+    /// The role JITP runs the template under (it must trust iot.amazonaws.com).
+    #[arg(long)]
+    pub role_arn: Option<String>,
+    /// Where the embedded sandbox keeps its state (the same --out as `run`).
+    #[arg(long, default_value = "provline-out")]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct ApproveArgs {
+    /// The JITR batch whose pending certificates to activate.
+    pub batch: String,
+    #[arg(long, default_value = "provline-out")]
+    pub out: PathBuf,
+    /// Do it without asking.
+    #[arg(long)]
+    pub yes: bool,
+    #[command(flatten)]
+    pub aws: AwsArgs,
+}
+
+#[derive(Args, Debug)]
+pub struct VerifyArgs {
+    /// The batch whose bundles to try.
+    pub batch: String,
+    #[arg(long, default_value = "provline-out")]
+    pub out: PathBuf,
+    /// Device endpoint HOST:PORT (default: each bundle's endpoint, port 8883).
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// TLS server name (SNI) when it differs from the endpoint's host.
+    #[arg(long)]
+    pub server_name: Option<String>,
+    /// Trust this CA file for the server instead of the bundle's Amazon roots.
+    #[arg(long, value_name = "FILE")]
+    pub server_ca: Option<PathBuf>,
+    /// Connections per device: a JITP/JITR device is dropped at its first connect.
+    #[arg(long, default_value_t = 3)]
+    pub attempts: u32,
+    /// Devices connecting at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Seconds to wait for the TLS handshake and the CONNACK.
+    #[arg(long, default_value_t = 10)]
+    pub timeout: u64,
     #[command(flatten)]
     pub aws: AwsArgs,
 }
@@ -262,6 +389,9 @@ async fn dispatch(command: Command) -> Result<i32> {
         Command::Resume(args) => resume_command(args).await,
         Command::Status(args) => status_command(args),
         Command::Lint(args) => Ok(lint_command(args)),
+        Command::Ca { command } => ca_command(command).await,
+        Command::Approve(args) => approve_command(args).await,
+        Command::Verify(args) => verify_command(args).await,
         Command::Sandbox { command } => sandbox_command(command).await,
     }
 }
@@ -376,6 +506,8 @@ async fn run_command(args: RunArgs) -> Result<i32> {
         task_timeout: args.task_timeout.map(Duration::from_secs),
         chunk_size: args.chunk_size,
         max_retries: args.max_retries,
+        mode: args.mode,
+        ca_dir: args.ca.clone(),
     };
     let started = std::time::Instant::now();
     let prepared = run::prepare(&opts, sandbox)?;
@@ -394,12 +526,13 @@ async fn run_command(args: RunArgs) -> Result<i32> {
         println!("{}", serde_json::to_string_pretty(&plan).expect("json"));
         return Ok(exit::OK);
     }
-    if prepared.settings.bucket.is_empty() {
+    let registers = prepared.settings.mode.registers();
+    if registers && prepared.settings.bucket.is_empty() {
         return Err(Error::config(
             "--bucket is required (the S3 bucket for the registration file, in the task's region)",
         ));
     }
-    if prepared.settings.role_arn.is_empty() {
+    if registers && prepared.settings.role_arn.is_empty() {
         return Err(Error::config(
             "--role-arn is required (an IAM role that trusts iot.amazonaws.com and can read the bucket)",
         ));
@@ -430,8 +563,9 @@ async fn run_command(args: RunArgs) -> Result<i32> {
         }
         if fresh {
             run::check_conflicts(&ledger, &prepared)?;
+            run::check_ca_for_mode(&aws, &prepared.settings).await?;
         }
-        if fresh && !args.no_preflight {
+        if fresh && registers && !args.no_preflight {
             let rows: Vec<crate::preflight::Row<'_>> = prepared
                 .devices
                 .iter()
@@ -446,7 +580,14 @@ async fn run_command(args: RunArgs) -> Result<i32> {
                     line: d.line,
                 })
                 .collect();
-            crate::preflight::check(&aws, &prepared.template, &prepared.settings.bucket, &rows).await?;
+            crate::preflight::check(
+                &aws,
+                &prepared.template,
+                &prepared.settings.bucket,
+                &rows,
+                &prepared.settings.parameters,
+            )
+            .await?;
         }
         run::record_batch(&mut ledger, &prepared)
     }
@@ -734,4 +875,301 @@ async fn wait_for_signal() {
         _ = tokio::signal::ctrl_c() => {}
         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending::<()>().await } } => {}
     }
+}
+
+async fn ca_command(command: CaCommand) -> Result<i32> {
+    match command {
+        CaCommand::Init {
+            dir,
+            key_type,
+            common_name,
+            organization,
+            country,
+            validity_days,
+        } => {
+            let ca = crate::ca::init(
+                &dir,
+                &crate::ca::InitOptions {
+                    key_type,
+                    common_name,
+                    organization,
+                    country,
+                    validity_days,
+                },
+            )?;
+            eprintln!(
+                "made the CA `{}` in {} (id {}); register it with `provline ca register --dir {}`",
+                ca.subject,
+                dir.display(),
+                ca.id,
+                dir.display()
+            );
+            println!("{}", dir.join(crate::ca::CA_CERT_FILE).display());
+            Ok(exit::OK)
+        }
+        CaCommand::Import { dir, cert, key, chain } => {
+            let ca = crate::ca::import(&dir, &cert, &key, chain.as_deref())?;
+            eprintln!(
+                "imported the CA `{}` into {} (id {}, {} certificate{} above it)",
+                ca.subject,
+                dir.display(),
+                ca.id,
+                ca.chain.len(),
+                if ca.chain.len() == 1 { "" } else { "s" }
+            );
+            println!("{}", dir.join(crate::ca::CA_CERT_FILE).display());
+            Ok(exit::OK)
+        }
+        CaCommand::Register(args) => {
+            let ca = crate::ca::load(&args.dir)?;
+            let auto = match (&args.jitp_template, &args.jitp_template_name, args.jitr) {
+                (Some(path), _, _) => {
+                    let body = std::fs::read_to_string(path)
+                        .map_err(|e| Error::config(format!("cannot read {}: {e}", path.display())))?;
+                    serde_json::from_str::<serde_json::Value>(&body).map_err(|e| {
+                        Error::from(
+                            crate::error::Problem::new(format!("the JITP template is not valid JSON: {e}"))
+                                .file(path.display().to_string())
+                                .line(e.line() as u64)
+                                .column_number(e.column() as u64),
+                        )
+                    })?;
+                    if !body.contains("AWS::IoT::Certificate::Id") {
+                        return Err(Error::config(format!(
+                            "{}: a JITP template must take the certificate from {{\"Ref\": \"AWS::IoT::Certificate::Id\"}}",
+                            path.display()
+                        )));
+                    }
+                    let role_arn = match (&args.role_arn, args.aws.sandbox) {
+                        (Some(r), _) => r.clone(),
+                        (None, true) => sandbox_setup::sandbox_role_arn(),
+                        (None, false) => {
+                            return Err(Error::config(
+                                "--jitp-template needs --role-arn: the IAM role JITP runs the template under",
+                            ))
+                        }
+                    };
+                    crate::ca_aws::AutoRegistration::JitpBody {
+                        template_body: body,
+                        role_arn,
+                    }
+                }
+                (None, Some(name), _) => crate::ca_aws::AutoRegistration::JitpTemplate(name.clone()),
+                (None, None, true) => crate::ca_aws::AutoRegistration::Jitr,
+                (None, None, false) => crate::ca_aws::AutoRegistration::Off,
+            };
+            let endpoint = Endpoint::open(&args.aws, &args.out).await?;
+            let aws = Aws::connect(&endpoint.conn).await;
+            let result = async {
+                aws.check_credentials().await?;
+                if args.aws.sandbox {
+                    sandbox_setup::prepare_account(&aws, sandbox_setup::SANDBOX_BUCKET, Some(sandbox_setup::SANDBOX_POLICY))
+                        .await?;
+                }
+                crate::ca_aws::register(
+                    &aws,
+                    &ca,
+                    &crate::ca_aws::RegisterOptions {
+                        sni_only: args.sni_only,
+                        auto,
+                    },
+                )
+                .await
+            }
+            .await;
+            endpoint.close().await;
+            let state = result?;
+            eprintln!(
+                "CA {} is {} in AWS IoT, auto-registration {}{}",
+                state.certificate_id,
+                state.status,
+                state.auto_registration,
+                if state.is_jitp() { " with a JITP template" } else { "" }
+            );
+            println!("{}", serde_json::to_string_pretty(&state).expect("json"));
+            Ok(exit::OK)
+        }
+        CaCommand::Status { dir, out, aws: aws_args } => {
+            let ca = crate::ca::load(&dir)?;
+            let endpoint = Endpoint::open(&aws_args, &out).await?;
+            let aws = Aws::connect(&endpoint.conn).await;
+            let result = crate::ca_aws::describe_ca(&aws, &ca.id).await;
+            endpoint.close().await;
+            match result? {
+                Some(state) => {
+                    println!("{}", serde_json::to_string_pretty(&state).expect("json"));
+                    Ok(exit::OK)
+                }
+                None => {
+                    eprintln!(
+                        "CA {} (`{}`) is not registered in this account; `provline ca register --dir {}` registers it",
+                        ca.id,
+                        ca.subject,
+                        dir.display()
+                    );
+                    Ok(exit::PARTIAL)
+                }
+            }
+        }
+    }
+}
+
+/// The embedded sandbox's device endpoint: (address, TLS server name).
+fn sandbox_device(sb: &provline_sandbox::Sandbox) -> (String, String) {
+    (sb.device_endpoint().to_string(), sb.device_server_name())
+}
+
+async fn approve_command(args: ApproveArgs) -> Result<i32> {
+    let _lock = run::lock_out_dir(&args.out)?;
+    let ledger_path = args.out.join(run::LEDGER_FILE);
+    if !ledger_path.exists() {
+        return Err(Error::config(format!("no ledger at {}", ledger_path.display())));
+    }
+    let ledger = Ledger::open(&ledger_path)?;
+    let endpoint = Endpoint::open(&args.aws, &args.out).await?;
+    let aws = Aws::connect(&endpoint.conn).await;
+    let result = async {
+        aws.check_credentials().await?;
+        let (_, plan) = crate::approve::plan(&aws, &ledger, &args.batch).await?;
+        let mut err = std::io::stderr();
+        let _ = writeln!(
+            err,
+            "{}: {} pending certificate{} of this batch to activate, {} active already, {} not seen by AWS yet{}",
+            args.batch,
+            plan.activate.len(),
+            if plan.activate.len() == 1 { "" } else { "s" },
+            plan.active.len(),
+            plan.not_seen.len(),
+            if plan.other.is_empty() { String::new() } else { format!(", {} in another state", plan.other.len()) }
+        );
+        for (thing, status) in &plan.other {
+            let _ = writeln!(err, "  {thing}: certificate is {status}; not touched");
+        }
+        if !plan.strangers.is_empty() {
+            let _ = writeln!(
+                err,
+                "WARNING: {} pending certificate{} signed by CA {} belong{} to no device of this batch and will NOT be activated:",
+                plan.strangers.len(),
+                if plan.strangers.len() == 1 { "" } else { "s" },
+                plan.ca_certificate_id,
+                if plan.strangers.len() == 1 { "s" } else { "" }
+            );
+            for s in &plan.strangers {
+                let _ = writeln!(err, "  {s}");
+            }
+        }
+        if plan.activate.is_empty() {
+            println!("{}", serde_json::json!({"batch": args.batch, "activated": [], "failed": [], "strangers": plan.strangers, "not_seen": plan.not_seen}));
+            return Ok(exit::OK);
+        }
+        for a in plan.activate.iter().take(5) {
+            let _ = writeln!(err, "  activate {} (certificate {}), attach policy {}", a.thing_name, &a.certificate_id[..12.min(a.certificate_id.len())], plan.policy.as_deref().unwrap_or("-"));
+        }
+        if plan.activate.len() > 5 {
+            let _ = writeln!(err, "  ... and {} more", plan.activate.len() - 5);
+        }
+        if !args.yes {
+            use std::io::IsTerminal;
+            if !std::io::stdin().is_terminal() {
+                return Err(Error::config("not a terminal, so there is nobody to confirm: pass --yes to activate these certificates"));
+            }
+            let _ = write!(err, "Activate {} certificate{}? [y/N] ", plan.activate.len(), if plan.activate.len() == 1 { "" } else { "s" });
+            let _ = err.flush();
+            let mut answer = String::new();
+            let _ = std::io::stdin().read_line(&mut answer);
+            if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                let _ = writeln!(err, "nothing activated");
+                return Ok(exit::OK);
+            }
+        }
+        let (done, failed) = crate::approve::apply(&aws, &plan).await;
+        let _ = writeln!(err, "{} activated, {} failed", done.len(), failed.len());
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "batch": args.batch,
+                "activated": done,
+                "failed": failed.iter().map(|(t, e)| serde_json::json!({"thing_name": t, "error": e})).collect::<Vec<_>>(),
+                "strangers": plan.strangers,
+                "not_seen": plan.not_seen,
+            }))
+            .expect("json")
+        );
+        Ok(if failed.is_empty() { exit::OK } else { exit::PARTIAL })
+    }
+    .await;
+    endpoint.close().await;
+    result
+}
+
+async fn verify_command(args: VerifyArgs) -> Result<i32> {
+    let ledger_path = args.out.join(run::LEDGER_FILE);
+    if !ledger_path.exists() {
+        return Err(Error::config(format!("no ledger at {}", ledger_path.display())));
+    }
+    let ledger = Ledger::open(&ledger_path)?;
+    if ledger.batch(&args.batch)?.is_none() {
+        return Err(Error::config(format!("no batch `{}` in {}", args.batch, ledger_path.display())));
+    }
+    let ws = Workspace::new(&args.out, &args.batch);
+    let dirs: Vec<PathBuf> = ledger
+        .devices(&args.batch)?
+        .iter()
+        .filter(|r| r.state == crate::ledger::state::BUNDLED)
+        .map(|r| ws.bundle_dir(&r.thing_name))
+        .collect();
+    if dirs.is_empty() {
+        return Err(Error::config(format!("{} has no bundles to verify", args.batch)));
+    }
+    let server_roots_pem = match &args.server_ca {
+        Some(p) => Some(
+            std::fs::read_to_string(p).map_err(|e| Error::config(format!("cannot read {}: {e}", p.display())))?,
+        ),
+        None => None,
+    };
+    let mut opts = crate::verify::Options {
+        address: args.endpoint.clone(),
+        server_name: args.server_name.clone(),
+        server_roots_pem,
+        attempts: args.attempts,
+        timeout: Duration::from_secs(args.timeout),
+    };
+    let endpoint = if args.aws.sandbox {
+        let e = Endpoint::open(&args.aws, &args.out).await?;
+        if let Some(sb) = &e.sandbox {
+            let (addr, name) = sandbox_device(sb);
+            opts.address.get_or_insert(addr);
+            opts.server_name.get_or_insert(name);
+            opts.server_roots_pem.get_or_insert(sb.ca_certificate_pem());
+        }
+        Some(e)
+    } else {
+        None
+    };
+    let results = crate::verify::verify_all(dirs, opts, args.concurrency).await;
+    if let Some(e) = endpoint {
+        e.close().await;
+    }
+    let connected = results.iter().filter(|r| r.connected).count();
+    let after_drop = results
+        .iter()
+        .filter(|r| r.connected && r.attempts.len() > 1)
+        .count();
+    let mut err = std::io::stderr();
+    let _ = writeln!(
+        err,
+        "{}: {connected} of {} bundles connected{}",
+        args.batch,
+        results.len(),
+        if after_drop > 0 { format!(" ({after_drop} after the endpoint dropped their first connection, as JITP/JITR do)") } else { String::new() }
+    );
+    for r in results.iter().filter(|r| !r.connected).take(10) {
+        let _ = writeln!(err, "  {}: {:?}", r.thing_name, r.attempts.last());
+    }
+    let doc = serde_json::json!({"batch": args.batch, "connected": connected, "devices": results});
+    let path = ws.dir().join("verify.json");
+    crate::workspace::write_durable(&path, serde_json::to_string_pretty(&doc).expect("json").as_bytes(), 0o644)
+        .map_err(|e| Error::infra(format!("{}: {e}", path.display())))?;
+    println!("{}", path.display());
+    Ok(if connected == results.len() { exit::OK } else { exit::PARTIAL })
 }

@@ -86,7 +86,10 @@ impl fmt::Debug for SecretPem {
 pub struct Keyed {
     /// None for a device-made CSR: the key never left the device.
     pub key_pem: Option<SecretPem>,
+    /// Empty when the factory CA signed the certificate (no CSR is sent).
     pub csr_pem: String,
+    /// The device certificate signed by the factory CA (own-CA modes).
+    pub certificate_pem: Option<String>,
     pub key: KeyId,
     pub key_type: String,
 }
@@ -103,23 +106,66 @@ pub fn generate_one(thing_name: &str, key_type: KeyType) -> Result<Keyed, rcgen:
     Ok(Keyed {
         key_pem: Some(SecretPem(key.serialize_pem())),
         csr_pem: csr.pem()?,
+        certificate_pem: None,
         key: KeyId::from_spki_der(&spki).map_err(|_| rcgen::Error::CouldNotParseKeyPair)?,
         key_type: key_type.as_str().to_string(),
     })
 }
 
-/// Keys for every device, in parallel on rayon's pool, in device order.
-pub fn generate_all(devices: &[Device], key_type: KeyType) -> Vec<Result<Keyed, String>> {
+/// The factory CA and how its device certificates look, for the own-CA modes.
+pub struct Signer<'a> {
+    pub ca: &'a crate::ca::FactoryCa,
+    pub spec: &'a crate::profile::CertificateSpec,
+}
+
+/// A key pair and a certificate signed by the factory CA; no CSR is made.
+pub fn generate_signed(d: &Device, key_type: KeyType, signer: &Signer<'_>) -> Result<Keyed, String> {
+    let subject = signer.spec.subject_for(&d.thing_name, &d.values)?;
+    let days = signer.spec.validity_days;
+    match &d.csr {
+        Some(csr) => {
+            let req = rcgen::CertificateSigningRequestParams::from_pem(&csr.pem)
+                .map_err(|e| format!("the device CSR does not parse: {e}"))?;
+            let pem = signer.ca.sign_device(&req.public_key, &subject, days)?;
+            Ok(Keyed {
+                key_pem: None,
+                csr_pem: String::new(),
+                certificate_pem: Some(pem),
+                key: csr.key.clone(),
+                key_type: csr.key_type.clone(),
+            })
+        }
+        None => {
+            let key = key_type.generate().map_err(|e| e.to_string())?;
+            let pem = signer.ca.sign_device(&key, &subject, days)?;
+            let spki = key.subject_public_key_info();
+            Ok(Keyed {
+                key_pem: Some(SecretPem(key.serialize_pem())),
+                csr_pem: String::new(),
+                certificate_pem: Some(pem),
+                key: KeyId::from_spki_der(&spki)?,
+                key_type: key_type.as_str().to_string(),
+            })
+        }
+    }
+}
+
+/// Keys for every device, in parallel on rayon's pool, in device order;
+/// with a signer, each also gets its certificate from the factory CA.
+pub fn generate_all(devices: &[Device], key_type: KeyType, signer: Option<&Signer<'_>>) -> Vec<Result<Keyed, String>> {
     devices
         .par_iter()
-        .map(|d| match &d.csr {
-            Some(csr) => Ok(Keyed {
+        .map(|d| match (signer, &d.csr) {
+            (Some(s), _) => generate_signed(d, key_type, s)
+                .map_err(|e| format!("signing a certificate for `{}` failed: {e}", d.thing_name)),
+            (None, Some(csr)) => Ok(Keyed {
                 key_pem: None,
                 csr_pem: csr.pem.clone(),
+                certificate_pem: None,
                 key: csr.key.clone(),
                 key_type: csr.key_type.clone(),
             }),
-            None => generate_one(&d.thing_name, key_type)
+            (None, None) => generate_one(&d.thing_name, key_type)
                 .map_err(|e| format!("key generation failed for `{}`: {e}", d.thing_name)),
         })
         .collect()

@@ -5,8 +5,11 @@
 //! report ([`run`]). The [`ledger`] records every step so that a crash at any
 //! point is followed by `provline resume`, not by a second certificate.
 
+pub mod approve;
 pub mod aws;
 pub mod bundle;
+pub mod ca;
+pub mod ca_aws;
 pub mod cli;
 pub mod crypto;
 pub mod csr;
@@ -26,4 +29,5 @@ pub mod run;
 pub mod sandbox_setup;
 pub mod stage;
 pub mod template;
+pub mod verify;
 pub mod workspace;

@@ -36,9 +36,10 @@ pub fn lint_file(path: &Path, profile: &Profile, thing_name: Option<&str>) -> Ve
             &profile.attributes,
             profile.thing_type.as_deref(),
             &profile.thing_groups,
+            crate::template::CertificateSource::Csr,
         );
         let attrs = Template::check("built-in template", &body)
-            .map(|t| t.attribute_columns())
+            .map(|t| t.attribute_columns(&profile.parameters))
             .unwrap_or_default();
         let opts = IngestOptions {
             profile,

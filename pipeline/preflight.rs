@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use crate::aws::{describe, Aws};
 use crate::error::{Error, Problem, Problems, Result};
-use crate::stage::{registration_line, StoredDevice};
+use crate::stage::{registration_line, Credential, StoredDevice};
 use crate::template::Template;
 
 /// A device as pre-flight sees it: its row and where it came from.
@@ -61,14 +61,19 @@ fn resolve(
 type Uses = BTreeMap<(Kind, String), Vec<(String, u64)>>;
 
 /// Every (kind, name) the lines use, with the rows that use it.
-fn names_used(template: &Template, rows: &[Row<'_>]) -> Result<Uses> {
+fn names_used(template: &Template, rows: &[Row<'_>], mapping: &BTreeMap<String, String>) -> Result<Uses> {
     let body: Value = serde_json::from_str(&template.body).map_err(|e| Error::Other(e.into()))?;
     let resources = &body["Resources"];
     let thing = template.thing_resource.as_ref().map(|r| &resources[r]["Properties"]);
     let policy = template.policy_resource.as_ref().map(|r| &resources[r]["Properties"]);
     let mut used: Uses = BTreeMap::new();
     for row in rows {
-        let text = registration_line(template, &row.device, "").map_err(Error::config)?;
+        let cred = Credential {
+            csr_pem: "",
+            certificate_pem: Some(""),
+            ca_pem: Some(""),
+        };
+        let text = registration_line(template, &row.device, &cred, mapping).map_err(Error::config)?;
         let line: serde_json::Map<String, Value> = serde_json::from_str(&text).map_err(|e| Error::Other(e.into()))?;
         let mut add = |kind: Kind, v: &Value| {
             if let Some(name) = resolve(v, &line, &template.parameters).filter(|n| !n.is_empty()) {
@@ -99,7 +104,13 @@ fn names_used(template: &Template, rows: &[Row<'_>]) -> Result<Uses> {
 
 /// Runs every check and reports every problem at once.
 // TODO(iam): the role is not checked (exists, trusts iot.amazonaws.com, can read the bucket): provline has no IAM client and the sandbox no IAM.
-pub async fn check(aws: &Aws, template: &Template, bucket: &str, rows: &[Row<'_>]) -> Result<()> {
+pub async fn check(
+    aws: &Aws,
+    template: &Template,
+    bucket: &str,
+    rows: &[Row<'_>],
+    mapping: &BTreeMap<String, String>,
+) -> Result<()> {
     let mut problems = Problems::default();
     match aws.s3.head_bucket().bucket(bucket).send().await {
         Ok(_) => {
@@ -129,7 +140,7 @@ pub async fn check(aws: &Aws, template: &Template, bucket: &str, rows: &[Row<'_>
             }
         }
     }
-    let used = names_used(template, rows)?;
+    let used = names_used(template, rows, mapping)?;
     for ((kind, name), lines) in &used {
         let found = match kind {
             Kind::ThingType => aws

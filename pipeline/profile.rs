@@ -5,6 +5,8 @@
 //! names are matched after trimming surrounding spaces and ignoring case, and
 //! each column may have aliases (`SN`, `Serial No.`).
 
+use std::collections::BTreeMap;
+
 use crate::error::{Error, Problem, Problems, Result};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,6 +131,96 @@ pub struct Profile {
     pub policy: Option<String>,
     /// The CSV delimiter; None detects it per file.
     pub delimiter: Option<u8>,
+    /// Template parameter -> the column that fills it, where the name alone
+    /// does not say (`MacAddress` reads `mac_address` without an entry here).
+    pub parameters: BTreeMap<String, String>,
+    /// Device certificates signed by the factory CA (byoca, jitp, jitr).
+    pub certificate: CertificateSpec,
+}
+
+/// What a device certificate from the factory CA looks like.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct CertificateSpec {
+    pub validity_days: u32,
+    /// Subject attributes in order (`C`, `O`, `CN`, ...) with their text,
+    /// which may hold `{thing_name}` and `{column}` placeholders.
+    pub subject: Vec<(String, String)>,
+}
+
+impl Default for CertificateSpec {
+    fn default() -> Self {
+        CertificateSpec {
+            validity_days: 7300,
+            subject: vec![
+                ("CN".into(), "{thing_name}".into()),
+                ("serialNumber".into(), "{serial_number}".into()),
+            ],
+        }
+    }
+}
+
+/// Subject attribute names a profile may use, with their rcgen types.
+pub fn subject_attribute(name: &str) -> Option<rcgen::DnType> {
+    use rcgen::DnType;
+    Some(match name {
+        "C" => DnType::CountryName,
+        "ST" => DnType::StateOrProvinceName,
+        "L" => DnType::LocalityName,
+        "O" => DnType::OrganizationName,
+        "OU" => DnType::OrganizationalUnitName,
+        "CN" => DnType::CommonName,
+        "serialNumber" => DnType::CustomDnType(vec![2, 5, 4, 5]),
+        "dnQualifier" => DnType::CustomDnType(vec![2, 5, 4, 46]),
+        _ => return None,
+    })
+}
+
+const SUBJECT_KEYS: [&str; 8] = ["C", "ST", "L", "O", "OU", "CN", "serialNumber", "dnQualifier"];
+
+impl CertificateSpec {
+    /// The subject for one device; an attribute whose text comes out empty is left out.
+    pub fn subject_for(
+        &self,
+        thing_name: &str,
+        values: &BTreeMap<String, String>,
+    ) -> std::result::Result<Vec<crate::ca::SubjectField>, String> {
+        let mut out = Vec::new();
+        for (attr, text) in &self.subject {
+            let ty = subject_attribute(attr).ok_or_else(|| format!("unknown subject attribute `{attr}`"))?;
+            let value = fill(text, |name| {
+                if name == "thing_name" {
+                    Some(thing_name.to_string())
+                } else {
+                    values.get(name).cloned()
+                }
+            })?;
+            if !value.is_empty() {
+                out.push((ty, value));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Replaces `{name}` placeholders; a name with no value is an error.
+fn fill(text: &str, value_of: impl Fn(&str) -> Option<String>) -> std::result::Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        let close = rest[open..]
+            .find('}')
+            .ok_or_else(|| format!("`{text}`: `{{` is never closed"))?
+            + open;
+        let name = rest[open + 1..close].trim();
+        match value_of(name) {
+            Some(v) => out.push_str(&v),
+            None => return Err(format!("`{text}` names `{name}`, which is neither `thing_name` nor a column of this row")),
+        }
+        rest = &rest[close + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 impl Default for Profile {
@@ -154,6 +246,8 @@ impl Default for Profile {
             thing_groups: Vec::new(),
             policy: None,
             delimiter: None,
+            parameters: BTreeMap::new(),
+            certificate: CertificateSpec::default(),
         }
     }
 }
@@ -172,8 +266,10 @@ impl Profile {
     }
 }
 
-const TOP_KEYS: [&str; 7] = [
+const TOP_KEYS: [&str; 9] = [
     "thing_name",
+    "parameters",
+    "certificate",
     "attributes",
     "thing_type",
     "thing_groups",
@@ -343,7 +439,107 @@ impl Profile {
                         }
                     }
                 }
+                "parameters" => match value.as_table() {
+                    Some(t) => {
+                        for (param, column) in t {
+                            match column.as_str() {
+                                Some(c) => {
+                                    profile.parameters.insert(param.clone(), c.to_string());
+                                }
+                                None => bad(
+                                    &mut problems,
+                                    format!("[parameters] `{param}` must name a column, e.g. {param} = \"site\""),
+                                ),
+                            }
+                        }
+                    }
+                    None => bad(
+                        &mut problems,
+                        "`parameters` must be a table of template parameter = \"column\"".into(),
+                    ),
+                },
+                "certificate" => {
+                    let Some(t) = value.as_table() else {
+                        bad(&mut problems, "`certificate` must be a [certificate] section".into());
+                        continue;
+                    };
+                    for (k, v) in t {
+                        match k.as_str() {
+                            "validity_days" => match v.as_integer().filter(|n| (1..=36500).contains(n)) {
+                                Some(n) => profile.certificate.validity_days = n as u32,
+                                None => bad(
+                                    &mut problems,
+                                    "`validity_days` in [certificate] must be a whole number of days from 1 to 36500".into(),
+                                ),
+                            },
+                            "subject" => match v.as_table() {
+                                Some(subject) => {
+                                    profile.certificate.subject.clear();
+                                    for (attr, text) in subject {
+                                        if subject_attribute(attr).is_none() {
+                                            problems.push(unknown_key(
+                                                &file,
+                                                " in [certificate.subject]",
+                                                attr,
+                                                &SUBJECT_KEYS,
+                                            ));
+                                            continue;
+                                        }
+                                        match text.as_str() {
+                                            Some(t) => profile.certificate.subject.push((attr.clone(), t.to_string())),
+                                            None => bad(
+                                                &mut problems,
+                                                format!("[certificate.subject] `{attr}` must be a string"),
+                                            ),
+                                        }
+                                    }
+                                }
+                                None => bad(
+                                    &mut problems,
+                                    "`subject` in [certificate] must be a table such as { CN = \"{thing_name}\", O = \"Acme\" }".into(),
+                                ),
+                            },
+                            other => problems.push(unknown_key(
+                                &file,
+                                " in [certificate]",
+                                other,
+                                &["validity_days", "subject"],
+                            )),
+                        }
+                    }
+                }
                 other => problems.push(unknown_key(&file, "", other, &TOP_KEYS)),
+            }
+        }
+        for (param, column) in &profile.parameters {
+            if profile.rule(column).is_none() {
+                bad(
+                    &mut problems,
+                    format!("[parameters] `{param}` reads column `{column}`, which the profile does not have; add a [columns.{column}] section"),
+                );
+            }
+        }
+        for (attr, text) in &profile.certificate.subject {
+            let mut rest = text.as_str();
+            while let Some(open) = rest.find('{') {
+                let Some(close) = rest[open..].find('}').map(|c| c + open) else {
+                    bad(&mut problems, format!("[certificate.subject] {attr} = `{text}`: `{{` is never closed"));
+                    break;
+                };
+                let name = rest[open + 1..close].trim();
+                if name != "thing_name" && profile.rule(name).is_none() {
+                    bad(
+                        &mut problems,
+                        format!("[certificate.subject] {attr} = `{text}` names `{name}`, which is neither `thing_name` nor a column of the profile"),
+                    );
+                }
+                rest = &rest[close + 1..];
+            }
+            if attr == "C" && !text.contains('{') && (text.len() != 2 || !text.chars().all(|c| c.is_ascii_uppercase())) {
+                bad(
+                    &mut problems,
+                    format!("[certificate.subject] C = `{text}` must be a two-letter ISO 3166 country code in capitals, such as \"DE\""),
+                );
             }
         }
         for a in &profile.attributes {

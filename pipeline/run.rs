@@ -15,9 +15,46 @@ use crate::keygen::{generate_all, KeyType, Keyed, SecretPem};
 use crate::ledger::{batch_state, state, AttemptRow, DeviceRow, Ledger, NewDevice, Outcome};
 use crate::profile::{NamePattern, Profile};
 use crate::reconcile::{reconcile, verify_certificate, StagedDevice, Verdict};
-use crate::stage::{registration_line, StoredDevice};
+use crate::stage::{registration_line, Credential, StoredDevice};
 use crate::template::Template;
 use crate::workspace::{write_durable, Workspace};
+
+/// How device certificates are made and registered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    /// AWS signs each device's CSR in the bulk task.
+    #[default]
+    AwsCsr,
+    /// provline signs with the factory CA; the bulk task registers the certificates.
+    Byoca,
+    /// provline signs with the factory CA; devices provision themselves on first connect (JITP).
+    Jitp,
+    /// provline signs with the factory CA; devices register as pending on first connect and
+    /// `provline approve` activates them (JITR).
+    Jitr,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::AwsCsr => "aws-csr",
+            Mode::Byoca => "byoca",
+            Mode::Jitp => "jitp",
+            Mode::Jitr => "jitr",
+        }
+    }
+
+    /// Whether the factory CA signs the device certificates.
+    pub fn own_ca(self) -> bool {
+        self != Mode::AwsCsr
+    }
+
+    /// Whether a bulk task registers the devices.
+    pub fn registers(self) -> bool {
+        matches!(self, Mode::AwsCsr | Mode::Byoca)
+    }
+}
 
 /// What `provline run` was asked to do.
 #[derive(Clone, Debug)]
@@ -41,6 +78,9 @@ pub struct RunOptions {
     pub task_timeout: Option<Duration>,
     pub chunk_size: usize,
     pub max_retries: u32,
+    pub mode: Mode,
+    /// The factory CA's directory, for the own-CA modes.
+    pub ca_dir: Option<PathBuf>,
 }
 
 /// The part of a run that defines the batch, kept in the ledger so that
@@ -70,6 +110,20 @@ pub struct Settings {
     /// Rows left out under --skip-invalid, with why.
     #[serde(default)]
     pub skipped: Vec<String>,
+    #[serde(default)]
+    pub mode: Mode,
+    /// Own-CA modes: where the CA is, its id, and the chain a device presents.
+    #[serde(default)]
+    pub ca_dir: Option<String>,
+    #[serde(default)]
+    pub ca_id: Option<String>,
+    #[serde(default)]
+    pub ca_chain_pem: Option<String>,
+    #[serde(default)]
+    pub certificate: crate::profile::CertificateSpec,
+    /// The profile's `[parameters]`: template parameter -> column.
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
 }
 
 fn default_chunk_size() -> usize {
@@ -188,28 +242,58 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
                     ))
                 }
             };
+            let source = if opts.mode == Mode::Byoca {
+                crate::template::CertificateSource::OwnCa
+            } else {
+                crate::template::CertificateSource::Csr
+            };
             let body = crate::template::builtin_for(
                 &policy,
                 &profile.attributes,
                 profile.thing_type.as_deref(),
                 &profile.thing_groups,
+                source,
             );
             ("built-in template".to_string(), body)
         }
     };
     let template = Template::check(&template_source, &body).map_err(Error::Input)?;
-    if template.csr_param.is_none() {
-        return Err(Error::config(format!(
-            "{template_source}: the certificate resource must take its CSR from a parameter ({{\"Ref\": \"CSR\"}}) so that provline can supply each device's CSR"
-        )));
+    match opts.mode {
+        Mode::AwsCsr if template.csr_param.is_none() => {
+            return Err(Error::config(format!(
+                "{template_source}: the certificate resource must take its CSR from a parameter ({{\"Ref\": \"CSR\"}}) so that provline can supply each device's CSR{}",
+                if template.cert_pem_param.is_some() { "; a template with CertificatePem is for --mode byoca --ca DIR" } else { "" }
+            )));
+        }
+        Mode::Byoca if template.cert_pem_param.is_none() => {
+            return Err(Error::config(format!(
+                "{template_source}: in byoca mode the certificate resource must take its certificate from parameters ({{\"CertificatePem\": {{\"Ref\": \"CertificatePem\"}}, \"CACertificatePem\": {{\"Ref\": \"CACertificatePem\"}}}}) so that provline can supply the certificates it signs"
+            )));
+        }
+        _ => {}
     }
+    let ca = match (opts.mode.own_ca(), &opts.ca_dir) {
+        (false, None) => None,
+        (false, Some(_)) => {
+            return Err(Error::config(
+                "--ca is for the own-CA modes: add --mode byoca, jitp or jitr",
+            ))
+        }
+        (true, None) => {
+            return Err(Error::config(format!(
+                "--mode {} signs device certificates with your CA: give --ca DIR (made with `provline ca init` or `provline ca import`)",
+                opts.mode.as_str()
+            )))
+        }
+        (true, Some(dir)) => Some(crate::ca::load(dir)?),
+    };
     let thing_name = opts.thing_name.clone().unwrap_or_else(|| profile.thing_name.clone());
     let pattern = NamePattern::parse(&thing_name)?;
-    let attribute_columns = template.attribute_columns();
+    let attribute_columns = template.attribute_columns(&profile.parameters);
     let template_columns: BTreeSet<String> = template
         .parameters
         .keys()
-        .map(|p| crate::template::column_for_param(p))
+        .map(|p| template.column_of(p, &profile.parameters))
         .collect();
     let ingested = ingest(
         &opts.inputs,
@@ -232,7 +316,7 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
         .filter(|c| !c.required)
         .map(|c| c.name.clone())
         .collect();
-    let unfilled = template.unfilled_parameters(&columns, &optional);
+    let unfilled = template.unfilled_parameters(&columns, &optional, &profile.parameters);
     if !unfilled.is_empty() {
         return Err(Error::config(format!(
             "{template_source}: parameter{} {} ha{} no Default and no column supplies {}; add the column{} to the CSV or a Default to the template",
@@ -257,7 +341,27 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
         max_retries: opts.max_retries,
         run_id: format!("{:016x}", rand::random::<u64>()),
         skipped: ingested.skipped.0.iter().map(|p| p.to_string()).collect(),
+        mode: opts.mode,
+        ca_dir: opts
+            .ca_dir
+            .as_ref()
+            .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()).display().to_string()),
+        ca_id: ca.as_ref().map(|c| c.id.clone()),
+        ca_chain_pem: ca.as_ref().map(|c| c.chain_pem()),
+        certificate: profile.certificate.clone(),
+        parameters: profile.parameters.clone(),
     };
+    if let Some(ca) = &ca {
+        // Every subject must be makeable before anything is signed.
+        let mut problems = Problems::default();
+        for d in &ingested.devices {
+            if let Err(e) = profile.certificate.subject_for(&d.thing_name, &d.values) {
+                problems.push(Problem::new(format!("certificate subject: {e}")).file(d.file.to_string()).line(d.line).device(d.thing_name.clone()));
+            }
+        }
+        problems.into_result()?;
+        tracing::debug!(ca = %ca.id, "factory CA loaded");
+    }
     // The batch is what is registered: the rows (after skipping), how keys
     // and names are made, and the template. Same inputs, same batch.
     let mut h = String::new();
@@ -267,6 +371,12 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
     }
     h.push_str(settings.key_type.as_str());
     h.push('\n');
+    if settings.mode != Mode::AwsCsr {
+        h.push_str(settings.mode.as_str());
+        h.push('\n');
+        h.push_str(settings.ca_id.as_deref().unwrap_or(""));
+        h.push('\n');
+    }
     h.push_str(&settings.template_body);
     let digest = sha256_hex(h.as_bytes());
     let batch = format!("batch-{}", &digest[..12]);
@@ -427,6 +537,8 @@ struct KeyLine {
     key_pem: Option<String>,
     csr_pem: String,
     key_type: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    certificate_pem: Option<String>,
 }
 
 fn load_keys(ws: &Workspace) -> Result<HashMap<String, Keyed>> {
@@ -440,12 +552,17 @@ fn load_keys(ws: &Workspace) -> Result<HashMap<String, Keyed>> {
     for (i, line) in text.lines().enumerate() {
         let k: KeyLine = serde_json::from_str(line)
             .map_err(|e| Error::infra(format!("{}:{}: the key store is damaged: {e}", path.display(), i + 1)))?;
-        let key = csr_key_id(&k.csr_pem).map_err(|e| Error::infra(format!("{}:{}: {e}", path.display(), i + 1)))?;
+        let key = match &k.certificate_pem {
+            Some(c) => crate::crypto::parse_certificate_pem(c).map(|c| c.key),
+            None => csr_key_id(&k.csr_pem),
+        }
+        .map_err(|e| Error::infra(format!("{}:{}: {e}", path.display(), i + 1)))?;
         out.insert(
             k.thing_name,
             Keyed {
                 key_pem: k.key_pem.map(SecretPem),
                 csr_pem: k.csr_pem,
+                certificate_pem: k.certificate_pem,
                 key,
                 key_type: k.key_type,
             },
@@ -462,6 +579,7 @@ fn store_keys(ws: &Workspace, keys: &[(String, &Keyed)]) -> Result<()> {
             key_pem: k.key_pem.as_ref().map(|s| s.0.clone()),
             csr_pem: k.csr_pem.clone(),
             key_type: k.key_type.clone(),
+            certificate_pem: k.certificate_pem.clone(),
         };
         buf.push_str(&serde_json::to_string(&line).map_err(|e| Error::Other(e.into()))?);
         buf.push('\n');
@@ -476,7 +594,13 @@ fn stored(row: &DeviceRow) -> Result<StoredDevice> {
 
 /// Keygen and persist: every device that has no key yet gets one, and the
 /// key store is durable (fsync'd, 0600) before the ledger says "keyed".
-fn keygen_stage(ledger: &mut Ledger, ws: &Workspace, s: &Settings, t: &mut Timings) -> Result<HashMap<String, Keyed>> {
+fn keygen_stage(
+    ledger: &mut Ledger,
+    ws: &Workspace,
+    s: &Settings,
+    subject_params: &[(String, bool)],
+    t: &mut Timings,
+) -> Result<HashMap<String, Keyed>> {
     let rows = ledger.devices(&ws.batch)?;
     let mut keys = load_keys(ws)?;
     let need: Vec<&DeviceRow> = rows.iter().filter(|r| !keys.contains_key(&r.thing_name)).collect();
@@ -503,11 +627,45 @@ fn keygen_stage(ledger: &mut Ledger, ws: &Workspace, s: &Settings, t: &mut Timin
                 })
             })
             .collect::<Result<_>>()?;
-        let made = generate_all(&devices, s.key_type);
+        let ca = match &s.ca_dir {
+            Some(dir) => Some(crate::ca::load(std::path::Path::new(dir))?),
+            None => None,
+        };
+        if let (Some(ca), Some(id)) = (&ca, &s.ca_id) {
+            if &ca.id != id {
+                return Err(Error::config(format!(
+                    "the CA in {} is not the one this batch was started with ({id}); put that CA back",
+                    ca.dir.display()
+                )));
+            }
+        }
+        let signer = ca.as_ref().map(|ca| crate::keygen::Signer {
+            ca,
+            spec: &s.certificate,
+        });
+        let made = generate_all(&devices, s.key_type, signer.as_ref());
         let mut problems = Problems::default();
         for (d, k) in devices.iter().zip(made) {
             match k {
                 Ok(k) => {
+                    // JITP: a subject field the CA's template reads and the
+                    // certificate lacks means the device never activates.
+                    if let Some(pem) = &k.certificate_pem {
+                        match crate::ca::missing_subject_fields(pem, subject_params) {
+                            Ok(missing) if missing.is_empty() => {}
+                            Ok(missing) => problems.push(
+                                Problem::new(format!(
+                                    "the CA's JITP template reads {} from the certificate subject without a Default, and this device's certificate has no such field; add {} to [certificate.subject] in the profile (or a Default to the template)",
+                                    missing.iter().map(|m| format!("AWS::IoT::Certificate::{m}")).collect::<Vec<_>>().join(", "),
+                                    missing.iter().map(|m| subject_key_for(m)).collect::<Vec<_>>().join(", ")
+                                ))
+                                .file(d.file.to_string())
+                                .line(d.line)
+                                .device(d.thing_name.clone()),
+                            ),
+                            Err(e) => problems.push(Problem::new(e).device(d.thing_name.clone())),
+                        }
+                    }
                     keys.insert(d.thing_name.clone(), k);
                 }
                 Err(e) => problems.push(Problem::new(e).device(d.thing_name.clone())),
@@ -541,6 +699,58 @@ fn keygen_stage(ledger: &mut Ledger, ws: &Workspace, s: &Settings, t: &mut Timin
     Ok(keys)
 }
 
+/// The profile's subject attribute for a JITP certificate parameter.
+fn subject_key_for(param: &str) -> &'static str {
+    match param {
+        "Country" => "C",
+        "Organization" => "O",
+        "OrganizationalUnit" => "OU",
+        "DistinguishedNameQualifier" => "dnQualifier",
+        "StateName" => "ST",
+        "CommonName" => "CN",
+        "SerialNumber" => "serialNumber",
+        _ => "(no such field)",
+    }
+}
+
+/// Own-CA modes: the CA must be registered and set up for the mode before
+/// anything is signed or shipped. Returns the subject fields a JITP
+/// template reads.
+pub async fn check_ca_for_mode(aws: &Aws, s: &Settings) -> Result<Vec<(String, bool)>> {
+    let Some(id) = &s.ca_id else {
+        return Ok(Vec::new());
+    };
+    let dir = s.ca_dir.as_deref().unwrap_or("DIR");
+    let state = crate::ca_aws::describe_ca(aws, id).await?.ok_or_else(|| {
+        Error::config(format!(
+            "the factory CA {id} is not registered in this account; run `provline ca register --dir {dir}{}` first",
+            match s.mode {
+                Mode::Jitp => " --jitp-template FILE --role-arn ARN",
+                Mode::Jitr => " --jitr",
+                _ => "",
+            }
+        ))
+    })?;
+    if state.status != "ACTIVE" {
+        return Err(Error::config(format!(
+            "the factory CA {id} is {} in AWS IoT; devices it signs cannot connect until it is ACTIVE (`provline ca register --dir {dir}` activates it)",
+            state.status
+        )));
+    }
+    match s.mode {
+        Mode::Jitp if !state.is_jitp() => Err(Error::config(format!(
+            "--mode jitp needs the CA to have auto-registration with a provisioning template, but it has {}; run `provline ca register --dir {dir} --jitp-template FILE --role-arn ARN`",
+            if state.auto_registration_on() { "auto-registration without a template (that is JITR)" } else { "auto-registration off" }
+        ))),
+        Mode::Jitr if !state.auto_registration_on() || state.template_body.is_some() => Err(Error::config(format!(
+            "--mode jitr needs the CA to have auto-registration on and no template, but it has {}; run `provline ca register --dir {dir} --jitr`",
+            if state.auto_registration_on() { "a JITP template (devices would provision themselves, no approval)" } else { "auto-registration off" }
+        ))),
+        Mode::Jitp => crate::ca::template_subject_parameters(state.template_body.as_deref().unwrap_or("{}")),
+        _ => Ok(Vec::new()),
+    }
+}
+
 /// Runs (or continues) a recorded batch to its end: attempt after attempt
 /// (chunks first, then retries), each one bulk task, then bundles and reports.
 pub async fn continue_batch(
@@ -557,9 +767,32 @@ pub async fn continue_batch(
     ws.create()
         .map_err(|e| Error::infra(format!("cannot create {}: {e}", ws.dir().display())))?;
     let template = Template::check(&s.template_source, &s.template_body).map_err(Error::Input)?;
-    let keys = keygen_stage(ledger, ws, s, &mut t)?;
+    let subject_params = check_ca_for_mode(aws, s).await?;
+    let keys = keygen_stage(ledger, ws, s, &subject_params, &mut t)?;
     let mut endpoint = None;
-    loop {
+    if !s.mode.registers() {
+        // JITP and JITR: nothing is registered now; the certificate is the
+        // device's credential and AWS meets it at first connect.
+        let issued: Vec<Outcome> = ledger
+            .devices(&ws.batch)?
+            .iter()
+            .filter(|r| r.state == state::KEYED)
+            .filter_map(|r| {
+                let pem = keys.get(&r.thing_name)?.certificate_pem.clone()?;
+                let info = crate::crypto::parse_certificate_pem(&pem).ok()?;
+                Some(Outcome {
+                    thing_name: r.thing_name.clone(),
+                    registered: true,
+                    certificate_id: Some(info.id),
+                    certificate_pem: Some(pem),
+                    error_class: None,
+                    error: None,
+                })
+            })
+            .collect();
+        ledger.record_outcomes(&ws.batch, &issued)?;
+    }
+    while s.mode.registers() {
         let attempts = ledger.attempts(&ws.batch)?;
         let attempt = match attempts.iter().find(|a| !a.reconciled) {
             Some(a) => a.clone(),
@@ -569,9 +802,9 @@ pub async fn continue_batch(
             },
         };
         run_attempt(ledger, ws, s, aws, &template, &keys, attempt, &mut endpoint, &mut t).await?;
-        bundle_stage(ledger, ws, aws, &keys, &mut endpoint, &mut t).await?;
+        bundle_stage(ledger, ws, s, aws, &keys, &mut endpoint, &mut t).await?;
     }
-    bundle_stage(ledger, ws, aws, &keys, &mut endpoint, &mut t).await?;
+    bundle_stage(ledger, ws, s, aws, &keys, &mut endpoint, &mut t).await?;
 
     let started = Instant::now();
     let task_ids: Vec<String> = ledger
@@ -684,12 +917,23 @@ async fn run_attempt(
         let started = Instant::now();
         let mut buf = Vec::new();
         let mut problems = Problems::default();
+        // CACertificatePem is the CA that signed the devices, without the chain above it.
+        let ca_pem = s
+            .ca_chain_pem
+            .as_deref()
+            .and_then(|c| crate::crypto::parse_certificate_pem(c).ok())
+            .map(|c| crate::crypto::to_pem("CERTIFICATE", &c.der));
         for r in &in_attempt {
             let sd = stored(r)?;
             let k = keys
                 .get(&r.thing_name)
                 .ok_or_else(|| Error::infra(format!("no key for `{}`", r.thing_name)))?;
-            match registration_line(template, &sd, &k.csr_pem) {
+            let cred = Credential {
+                csr_pem: &k.csr_pem,
+                certificate_pem: k.certificate_pem.as_deref(),
+                ca_pem: ca_pem.as_deref(),
+            };
+            match registration_line(template, &sd, &cred, &s.parameters) {
                 Ok(line) => {
                     buf.extend_from_slice(line.as_bytes());
                     buf.push(b'\n');
@@ -748,7 +992,7 @@ async fn run_attempt(
     }
     let task_id = attempt.task_id.clone().expect("set above");
     // The task registers at AWS's pace: use the time to bundle the previous chunk.
-    bundle_stage(ledger, ws, aws, keys, endpoint, t).await?;
+    bundle_stage(ledger, ws, s, aws, keys, endpoint, t).await?;
     if !attempt.task_status.as_deref().is_some_and(crate::register::is_terminal) {
         let end = crate::register::follow(aws, &task_id, lines, deadline).await?;
         crate::failpoint::hit("task-end");
@@ -864,6 +1108,7 @@ fn outcome(thing: &str, verdict: Verdict) -> Outcome {
 async fn bundle_stage(
     ledger: &mut Ledger,
     ws: &Workspace,
+    s: &Settings,
     aws: &Aws,
     keys: &HashMap<String, Keyed>,
     endpoint: &mut Option<String>,
@@ -903,6 +1148,9 @@ async fn bundle_stage(
             key_type: &k.key_type,
             endpoint,
             batch: &ws.batch,
+            // A JITP/JITR device presents its CA at first connect.
+            chain_pem: if s.mode.registers() { None } else { s.ca_chain_pem.as_deref() },
+            mode: s.mode.as_str(),
         };
         match write_bundle(ws, &input) {
             Ok(_) => {

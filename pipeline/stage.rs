@@ -25,17 +25,46 @@ pub struct StoredDevice {
     pub device_csr: Option<String>,
 }
 
-/// One registration line for a device.
-pub fn registration_line(template: &Template, device: &StoredDevice, csr_pem: &str) -> Result<String, String> {
+/// What the registration line carries of the device's credentials.
+#[derive(Clone, Copy, Debug)]
+pub struct Credential<'a> {
+    pub csr_pem: &'a str,
+    /// The device certificate signed by the factory CA (byoca).
+    pub certificate_pem: Option<&'a str>,
+    pub ca_pem: Option<&'a str>,
+}
+
+/// One registration line for a device. `mapping` is the profile's
+/// `[parameters]`: template parameter -> column.
+pub fn registration_line(
+    template: &Template,
+    device: &StoredDevice,
+    cred: &Credential<'_>,
+    mapping: &BTreeMap<String, String>,
+) -> Result<String, String> {
     let mut line = serde_json::Map::new();
+    let is = |p: &str, slot: &Option<String>| slot.as_deref() == Some(p);
     for (param, default) in &template.parameters {
-        let value = if Some(param.as_str()) == template.thing_name_param.as_deref() {
+        let value = if is(param, &template.thing_name_param) {
             Some(device.thing_name.clone())
-        } else if Some(param.as_str()) == template.csr_param.as_deref() {
-            Some(csr_pem.to_string())
-        } else if let Some(v) = device
-            .values
-            .get(&column_for_param(param))
+        } else if is(param, &template.csr_param) {
+            Some(cred.csr_pem.to_string())
+        } else if is(param, &template.cert_pem_param) {
+            Some(
+                cred.certificate_pem
+                    .ok_or("the template takes a CertificatePem, but no certificate was signed for this device (use --mode byoca --ca DIR)")?
+                    .to_string(),
+            )
+        } else if is(param, &template.ca_pem_param) {
+            Some(
+                cred.ca_pem
+                    .ok_or("the template takes a CACertificatePem, but no factory CA is in use (--ca DIR)")?
+                    .to_string(),
+            )
+        } else if let Some(v) = mapping
+            .get(param)
+            .and_then(|c| device.values.get(c))
+            .or_else(|| device.values.get(&column_for_param(param)))
             .or_else(|| device.values.get(param))
         {
             Some(v.clone())
@@ -148,12 +177,12 @@ mod tests {
             values: [("model".to_string(), "TH-100".to_string())].into_iter().collect(),
             device_csr: None,
         };
-        let line = registration_line(
-            &t,
-            &d,
-            "-----BEGIN CERTIFICATE REQUEST-----\nAA\n-----END CERTIFICATE REQUEST-----\n",
-        )
-        .unwrap();
+        let cred = Credential {
+            csr_pem: "-----BEGIN CERTIFICATE REQUEST-----\nAA\n-----END CERTIFICATE REQUEST-----\n",
+            certificate_pem: None,
+            ca_pem: None,
+        };
+        let line = registration_line(&t, &d, &cred, &BTreeMap::new()).unwrap();
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["ThingName"], "SN1");
         assert_eq!(v["Model"], "TH-100");

@@ -24,6 +24,7 @@ pub fn builtin_for(
     attributes: &[String],
     thing_type: Option<&str>,
     thing_groups: &[String],
+    source: CertificateSource,
 ) -> String {
     let mut params = serde_json::Map::new();
     params.insert("ThingName".into(), serde_json::json!({"Type": "String"}));
@@ -33,7 +34,21 @@ pub fn builtin_for(
         params.insert(p.clone(), serde_json::json!({"Type": "String"}));
         payload.insert(a.clone(), serde_json::json!({"Ref": p}));
     }
-    params.insert("CSR".into(), serde_json::json!({"Type": "String"}));
+    let certificate = match source {
+        CertificateSource::Csr => {
+            params.insert("CSR".into(), serde_json::json!({"Type": "String"}));
+            serde_json::json!({"CertificateSigningRequest": {"Ref": "CSR"}, "Status": "ACTIVE"})
+        }
+        CertificateSource::OwnCa => {
+            params.insert("CertificatePem".into(), serde_json::json!({"Type": "String"}));
+            params.insert("CACertificatePem".into(), serde_json::json!({"Type": "String"}));
+            serde_json::json!({
+                "CertificatePem": {"Ref": "CertificatePem"},
+                "CACertificatePem": {"Ref": "CACertificatePem"},
+                "Status": "ACTIVE"
+            })
+        }
+    };
     let mut thing = serde_json::json!({
         "ThingName": {"Ref": "ThingName"},
         "AttributePayload": payload,
@@ -58,10 +73,7 @@ pub fn builtin_for(
             },
             "certificate": {
                 "Type": "AWS::IoT::Certificate",
-                "Properties": {
-                    "CertificateSigningRequest": {"Ref": "CSR"},
-                    "Status": "ACTIVE"
-                },
+                "Properties": certificate,
                 "OverrideSettings": {"Status": "DO_NOTHING"}
             },
             "policy": {
@@ -73,10 +85,19 @@ pub fn builtin_for(
     serde_json::to_string_pretty(&t).expect("a JSON value serialises")
 }
 
+/// Where the bulk task gets each device's certificate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CertificateSource {
+    /// AWS signs the device's CSR.
+    Csr,
+    /// provline signed it with the factory CA; AWS registers it as it is.
+    OwnCa,
+}
+
 /// The built-in template of the default profile.
 pub fn builtin(policy_name: &str) -> String {
     let p = crate::profile::Profile::default();
-    builtin_for(policy_name, &p.attributes, None, &[])
+    builtin_for(policy_name, &p.attributes, None, &[], CertificateSource::Csr)
 }
 
 /// The template parameter for a column: `mac_address` -> `MacAddress`.
@@ -108,6 +129,10 @@ pub struct Template {
     pub thing_name_param: Option<String>,
     /// The parameter that feeds `CertificateSigningRequest`.
     pub csr_param: Option<String>,
+    /// The parameters that feed `CertificatePem` and `CACertificatePem`
+    /// (a certificate signed by the factory CA, mode byoca).
+    pub cert_pem_param: Option<String>,
+    pub ca_pem_param: Option<String>,
     /// Attribute name -> parameter, for attributes given by `Ref`.
     pub attribute_params: BTreeMap<String, String>,
     /// The policy name, when it is a literal.
@@ -206,6 +231,8 @@ impl Template {
             policy_resource: None,
             thing_name_param: None,
             csr_param: None,
+            cert_pem_param: None,
+            ca_pem_param: None,
             attribute_params: BTreeMap::new(),
             policy_name: None,
         };
@@ -282,6 +309,15 @@ impl Template {
                     }
                     if let Some(v) = props.get("CertificateSigningRequest") {
                         t.csr_param = plain_ref(v);
+                    }
+                    if let Some(v) = props.get("CertificatePem") {
+                        t.cert_pem_param = plain_ref(v);
+                    }
+                    if let Some(v) = props.get("CACertificatePem") {
+                        t.ca_pem_param = plain_ref(v);
+                        if !props.contains_key("CertificatePem") {
+                            problems.push(here("`CACertificatePem` goes with `CertificatePem`".into()));
+                        }
                     }
                     if let Some(status) = props.get("Status") {
                         match status.as_str() {
@@ -375,23 +411,50 @@ impl Template {
     }
 
     /// Columns whose values become attributes, by the parameter mapping.
-    pub fn attribute_columns(&self) -> BTreeSet<String> {
-        self.attribute_params.values().map(|p| column_for_param(p)).collect()
+    pub fn attribute_columns(&self, mapping: &BTreeMap<String, String>) -> BTreeSet<String> {
+        self.attribute_params.values().map(|p| self.column_of(p, mapping)).collect()
     }
 
     /// Parameters that no column, default or generated value will fill.
-    pub fn unfilled_parameters(&self, columns: &BTreeSet<String>, optional: &BTreeSet<String>) -> Vec<String> {
+    pub fn unfilled_parameters(
+        &self,
+        columns: &BTreeSet<String>,
+        optional: &BTreeSet<String>,
+        mapping: &BTreeMap<String, String>,
+    ) -> Vec<String> {
         self.parameters
             .iter()
             .filter(|(name, default)| {
+                let column = self.column_of(name, mapping);
                 default.is_none()
-                    && Some(name.as_str()) != self.thing_name_param.as_deref()
-                    && Some(name.as_str()) != self.csr_param.as_deref()
-                    && !columns.contains(&column_for_param(name))
-                    && !optional.contains(&column_for_param(name))
+                    && !self.is_generated(name)
+                    && !columns.contains(&column)
+                    && !optional.contains(&column)
             })
             .map(|(n, _)| n.clone())
             .collect()
+    }
+}
+
+impl Template {
+    /// Whether provline fills the parameter itself (thing name, CSR, certificates).
+    pub fn is_generated(&self, param: &str) -> bool {
+        [
+            &self.thing_name_param,
+            &self.csr_param,
+            &self.cert_pem_param,
+            &self.ca_pem_param,
+        ]
+        .iter()
+        .any(|p| p.as_deref() == Some(param))
+    }
+
+    /// The column a parameter reads: the profile's `[parameters]` entry, else by name.
+    pub fn column_of(&self, param: &str, mapping: &BTreeMap<String, String>) -> String {
+        mapping
+            .get(param)
+            .cloned()
+            .unwrap_or_else(|| column_for_param(param))
     }
 }
 
@@ -523,7 +586,7 @@ mod tests {
         assert_eq!(t.csr_param.as_deref(), Some("CSR"));
         assert_eq!(t.policy_name.as_deref(), Some("p"));
         assert_eq!(
-            t.attribute_columns(),
+            t.attribute_columns(&BTreeMap::new()),
             ["lot", "mac_address", "model"].into_iter().map(String::from).collect()
         );
     }

@@ -3,6 +3,7 @@
 mod cases;
 mod common;
 mod crash;
+mod own_ca;
 mod pipeline;
 mod sandbox_cli;
 mod sandbox_sdk;
