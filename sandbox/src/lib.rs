@@ -81,9 +81,12 @@ mod ca;
 #[cfg(test)]
 mod e2e_tests;
 mod faults;
+mod iam;
 mod ids;
 mod iot;
 mod s3;
+#[cfg(test)]
+mod sdk_tests;
 mod server;
 mod state;
 

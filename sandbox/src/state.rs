@@ -66,6 +66,9 @@ pub(crate) struct State {
     /// Successful StartThingRegistrationTask calls, ever.
     #[serde(default)]
     pub tasks_started: u64,
+    /// IAM roles by name.
+    #[serde(default)]
+    pub roles: BTreeMap<String, crate::iam::Role>,
 }
 
 impl State {
