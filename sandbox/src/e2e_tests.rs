@@ -863,6 +863,12 @@ async fn every_routed_operation_is_named() {
         ("GET", "/cacertificates"),
         ("GET", "/cacertificate/x"),
         ("PUT", "/cacertificate/x"),
+        ("GET", "/certificates-by-ca/x"),
+        ("POST", "/provisioning-templates"),
+        ("GET", "/provisioning-templates"),
+        ("GET", "/provisioning-templates/x"),
+        ("PATCH", "/provisioning-templates/x"),
+        ("DELETE", "/provisioning-templates/x"),
     ];
     for (method, path) in requests {
         let reply = iot(&sandbox, method, path, json!({})).await;

@@ -11,6 +11,8 @@
 //!   attachments) and bulk registration (`StartThingRegistrationTask` and its
 //!   family), including per-line failures, one task at a time, and report
 //!   files in S3 behind pre-signed links;
+//! - requests signed for `iam` go to a small IAM emulation (query protocol,
+//!   XML answers): `CreateRole`, `GetRole`, `DeleteRole`, `ListRoles`;
 //! - everything else goes to an S3 implementation (`s3s` over `s3s-fs`)
 //!   whose objects are plain files under `<state_dir>/s3/<bucket>/<key>`.
 //!
@@ -37,8 +39,14 @@
 //! - Certificates: `CreateCertificateFromCsr`, `DescribeCertificate`,
 //!   `ListCertificates`, `UpdateCertificate`, `DeleteCertificate`,
 //!   `RegisterCertificate`, `RegisterCertificateWithoutCA`,
-//!   `GetRegistrationCode`, `RegisterCACertificate`,
-//!   `DescribeCACertificate`, `ListCACertificates`, `UpdateCACertificate`.
+//!   `GetRegistrationCode`, `RegisterCACertificate` (with
+//!   `registrationConfig`), `DescribeCACertificate`, `ListCACertificates`,
+//!   `UpdateCACertificate`, `ListCertificatesByCA`.
+//! - Provisioning templates: `CreateProvisioningTemplate`,
+//!   `DescribeProvisioningTemplate`, `ListProvisioningTemplates`,
+//!   `UpdateProvisioningTemplate`, `DeleteProvisioningTemplate` (one version
+//!   each). A CA's `registrationConfig.templateName` must name a template of
+//!   type `JITP`.
 //! - `DescribeEndpoint` (`iot:Data`, `iot:Data-ATS`,
 //!   `iot:CredentialProvider`, `iot:Jobs`).
 //!
