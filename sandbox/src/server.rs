@@ -83,7 +83,7 @@ async fn handle(shared: Arc<Shared>, s3: S3Service, req: Request<Incoming>) -> R
 }
 
 /// Resolves once shutdown has been asked for.
-async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 

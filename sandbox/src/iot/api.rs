@@ -465,7 +465,7 @@ fn describe_endpoint(shared: &Shared, req: &ApiRequest) -> Result<Value, ApiErro
     let region = &shared.config.region;
     let address = match req.query("endpointType") {
         None | Some("iot:Data") => format!("sandbox.iot.{region}.localhost"),
-        Some("iot:Data-ATS") => format!("sandbox-ats.iot.{region}.localhost"),
+        Some("iot:Data-ATS") => super::data_ats_address(region),
         Some("iot:CredentialProvider") => format!("sandbox.credentials.iot.{region}.localhost"),
         Some("iot:Jobs") => format!("sandbox.jobs.iot.{region}.localhost"),
         Some(other) => return Err(ApiError::invalid(format!("unknown endpointType `{other}`"))),
