@@ -2,7 +2,7 @@
 //! at it.
 //!
 //! ```text
-//! cargo run -p provline-sandbox --example serve -- [STATE_DIR] [PORT]
+//! cargo run -p provline-sandbox --example serve -- [STATE_DIR] [PORT] [DEVICE_PORT]
 //! ```
 //!
 //! Set `PROVLINE_SANDBOX_REPORT_FORMAT` (for example `offset:0,legacy`),
@@ -27,6 +27,9 @@ async fn main() -> anyhow::Result<()> {
     if let Some(port) = args.next() {
         config.addr.set_port(port.parse()?);
     }
+    if let Some(port) = args.next() {
+        config.device_addr.set_port(port.parse()?);
+    }
     if let Ok(format) = std::env::var("PROVLINE_SANDBOX_REPORT_FORMAT") {
         config.report_format = format.parse()?;
     }
@@ -40,6 +43,14 @@ async fn main() -> anyhow::Result<()> {
     let sandbox = Sandbox::start(config).await?;
     println!("endpoint: {}", sandbox.endpoint_url());
     println!("state dir: {}", sandbox.state_dir().display());
+    let ca_file = sandbox.state_dir().join("sandbox-ca.pem");
+    std::fs::write(&ca_file, sandbox.ca_certificate_pem())?;
+    println!(
+        "device endpoint: {} (server name {}, CA file {})",
+        sandbox.device_endpoint(),
+        sandbox.device_server_name(),
+        ca_file.display()
+    );
     println!(
         "AWS_ACCESS_KEY_ID={ACCESS_KEY_ID} AWS_SECRET_ACCESS_KEY={SECRET_ACCESS_KEY} AWS_DEFAULT_REGION=us-east-1 aws --endpoint-url {} ...",
         sandbox.endpoint_url()

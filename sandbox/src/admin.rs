@@ -8,6 +8,8 @@
 //!   or JSON (a body starting with `{`), empty for no faults. Answers like
 //!   GET, with the new plan; a bad plan is HTTP 400 `{"message": ..}`.
 //! - `GET /_sandbox/stats`: [`stats`].
+//! - `GET /_sandbox/device-endpoint`: `{"address": "127.0.0.1:PORT",
+//!   "serverName": "<the iot:Data-ATS address>"}`.
 
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
@@ -88,10 +90,18 @@ pub(crate) async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<
         ("/_sandbox/faults", _) => method_not_allowed("GET, PUT"),
         ("/_sandbox/stats", Method::GET) => json_response(StatusCode::OK, &stats(shared)),
         ("/_sandbox/stats", _) => method_not_allowed("GET"),
+        ("/_sandbox/device-endpoint", Method::GET) => json_response(
+            StatusCode::OK,
+            &json!({
+                "address": shared.device_addr.to_string(),
+                "serverName": shared.device_server_name,
+            }),
+        ),
+        ("/_sandbox/device-endpoint", _) => method_not_allowed("GET"),
         _ => error(
             StatusCode::NOT_FOUND,
             format!(
-                "no admin resource at {}: there are GET and PUT /_sandbox/faults, and GET /_sandbox/stats",
+                "no admin resource at {}: there are GET and PUT /_sandbox/faults, GET /_sandbox/stats and GET /_sandbox/device-endpoint",
                 req.uri().path()
             ),
         ),
@@ -130,6 +140,7 @@ pub(crate) fn stats(shared: &Shared) -> Value {
         "faults_injected": injected,
         "lines_processed": lines_processed,
         "fail_after_cert_lines": late,
+        "device": shared.device_stats.to_json(),
     })
 }
 

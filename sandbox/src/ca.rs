@@ -7,9 +7,11 @@
 //! lowercase hex SHA-256 of the DER.
 
 use anyhow::Context as _;
+use std::collections::BTreeMap;
+
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-    SerialNumber, SubjectPublicKeyInfo,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SerialNumber, SubjectPublicKeyInfo,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -115,6 +117,45 @@ impl SandboxCa {
     }
 }
 
+/// A TLS server certificate and its key, as DER.
+pub(crate) struct ServerCertificate {
+    pub certificate_der: Vec<u8>,
+    /// PKCS#8.
+    pub private_key_der: Vec<u8>,
+}
+
+impl SandboxCa {
+    /// Issues a server certificate for a fresh P-256 key, valid for a year,
+    /// for these subject alternative names (an IP address string becomes an
+    /// IP SAN); the first name is also the common name.
+    pub fn issue_server_certificate(&self, names: &[String]) -> anyhow::Result<ServerCertificate> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).context("generating the server key")?;
+        let mut params = CertificateParams::new(names.to_vec()).context("the server certificate names")?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::OrganizationName, "provline sandbox");
+        if let Some(first) = names.first() {
+            dn.push(DnType::CommonName, first.as_str());
+        }
+        params.distinguished_name = dn;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::days(365);
+        let nanos = now.unix_timestamp_nanos() as u64;
+        params.serial_number = Some(SerialNumber::from_slice(&crate::ids::serial(nanos, "server-serial", 0)));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let certificate = params
+            .signed_by(&key, &self.issuer)
+            .context("signing the server certificate")?;
+        Ok(ServerCertificate {
+            certificate_der: certificate.der().to_vec(),
+            private_key_der: key.serialize_der(),
+        })
+    }
+}
+
 /// A CSR whose signature verified and whose key AWS IoT accepts.
 pub(crate) struct VerifiedCsr {
     /// The DER of its SubjectPublicKeyInfo.
@@ -172,19 +213,24 @@ pub(crate) fn certificate_id(der: &[u8]) -> String {
 /// Parses a certificate PEM and checks its key.
 pub(crate) fn parse_certificate(pem: &str) -> Result<ParsedCertificate, CertError> {
     let der = decode_pem(pem, &["CERTIFICATE"]).map_err(CertError::BadCertificate)?;
+    parse_certificate_der(&der)
+}
+
+/// Parses a certificate DER and checks its key.
+pub(crate) fn parse_certificate_der(der: &[u8]) -> Result<ParsedCertificate, CertError> {
     let (rest, cert) =
-        X509Certificate::from_der(&der).map_err(|e| CertError::BadCertificate(format!("cannot parse the DER: {e}")))?;
+        X509Certificate::from_der(der).map_err(|e| CertError::BadCertificate(format!("cannot parse the DER: {e}")))?;
     if !rest.is_empty() {
         return Err(CertError::BadCertificate("trailing bytes after the DER".to_owned()));
     }
     check_key(cert.public_key())?;
     let validity = cert.validity();
     let parsed = ParsedCertificate {
-        pem: to_pem("CERTIFICATE", &der),
-        id: certificate_id(&der),
+        pem: to_pem("CERTIFICATE", der),
+        id: certificate_id(der),
         not_before: validity.not_before.timestamp() as f64,
         not_after: validity.not_after.timestamp() as f64,
-        der: der.clone(),
+        der: der.to_vec(),
     };
     Ok(parsed)
 }
@@ -217,6 +263,34 @@ pub(crate) fn common_name(cert_der: &[u8]) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(cert_der).ok()?;
     let cn = cert.subject().iter_common_name().next()?;
     cn.as_str().ok().map(str::to_owned)
+}
+
+/// The subject attributes JITP turns into `AWS::IoT::Certificate::*`
+/// parameters, by the name after that prefix (`Country`, `Organization`,
+/// `OrganizationalUnit`, `DistinguishedNameQualifier`, `StateName`,
+/// `CommonName`, `SerialNumber`). The first value of each attribute counts;
+/// the issuer, the extensions and the certificate's own serial number do not.
+pub(crate) fn subject_parameters(cert_der: &[u8]) -> BTreeMap<&'static str, String> {
+    let mut out = BTreeMap::new();
+    let Ok((_, cert)) = X509Certificate::from_der(cert_der) else {
+        return out;
+    };
+    for attribute in cert.subject().iter_attributes() {
+        let name = match attribute.attr_type().to_id_string().as_str() {
+            "2.5.4.6" => "Country",
+            "2.5.4.10" => "Organization",
+            "2.5.4.11" => "OrganizationalUnit",
+            "2.5.4.46" => "DistinguishedNameQualifier",
+            "2.5.4.8" => "StateName",
+            "2.5.4.3" => "CommonName",
+            "2.5.4.5" => "SerialNumber",
+            _ => continue,
+        };
+        if let Ok(value) = attribute.as_str() {
+            out.entry(name).or_insert_with(|| value.to_owned());
+        }
+    }
+    out
 }
 
 fn to_pem(label: &str, der: &[u8]) -> String {
@@ -364,6 +438,62 @@ pub(crate) mod tests {
         let tampered = to_pem("CERTIFICATE REQUEST", &der);
         assert!(verify_csr(&tampered).is_err());
         assert!(verify_csr("not a csr").is_err());
+    }
+
+    #[test]
+    fn subject_parameters_come_from_the_subject() {
+        let mut state = State::default();
+        let ca = SandboxCa::load_or_create(&mut state).unwrap();
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CountryName, "DE");
+        dn.push(DnType::OrganizationName, "Maker");
+        dn.push(DnType::OrganizationalUnitName, "Line 3");
+        dn.push(DnType::StateOrProvinceName, "Bavaria");
+        dn.push(DnType::LocalityName, "Munich");
+        dn.push(DnType::CommonName, "dev-7");
+        dn.push(DnType::CustomDnType(vec![2, 5, 4, 5]), "SN-0007");
+        dn.push(DnType::CustomDnType(vec![2, 5, 4, 46]), "q1");
+        params.distinguished_name = dn;
+        let cert = params.signed_by(&key, &ca.issuer).unwrap();
+        let found = subject_parameters(cert.der());
+        let expected: BTreeMap<&str, String> = [
+            ("Country", "DE"),
+            ("Organization", "Maker"),
+            ("OrganizationalUnit", "Line 3"),
+            ("StateName", "Bavaria"),
+            ("CommonName", "dev-7"),
+            ("SerialNumber", "SN-0007"),
+            ("DistinguishedNameQualifier", "q1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_owned()))
+        .collect();
+        assert_eq!(found, expected);
+        assert!(subject_parameters(b"not a certificate").is_empty());
+    }
+
+    #[test]
+    fn server_certificates_name_the_endpoint() {
+        let mut state = State::default();
+        let ca = SandboxCa::load_or_create(&mut state).unwrap();
+        let names = ["a-ats.iot.us-east-1.localhost", "localhost", "127.0.0.1"].map(str::to_owned);
+        let server = ca.issue_server_certificate(&names).unwrap();
+        let (_, cert) = X509Certificate::from_der(&server.certificate_der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        let rendered: Vec<String> = san.value.general_names.iter().map(|n| n.to_string()).collect();
+        assert_eq!(
+            rendered,
+            [
+                "DNSName(a-ats.iot.us-east-1.localhost)",
+                "DNSName(localhost)",
+                "IPAddress(7f:00:00:01)"
+            ]
+        );
+        let ca_der = decode_pem(ca.certificate_pem(), &["CERTIFICATE"]).unwrap();
+        assert!(is_signed_by(&server.certificate_der, &ca_der));
+        assert!(!cert.is_ca());
     }
 
     #[test]

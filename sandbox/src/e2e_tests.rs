@@ -11,14 +11,14 @@ use crate::{Config, Fault, FaultPlan, LineKey, ReportFormat, Sandbox, FAULT_EXIT
 const IOT_AUTH: &str =
     "AWS4-HMAC-SHA256 Credential=sandbox/20260101/us-east-1/iot/aws4_request, SignedHeaders=host, Signature=00";
 
-struct Reply {
-    status: u16,
+pub(crate) struct Reply {
+    pub(crate) status: u16,
     headers: Vec<(String, String)>,
-    body: String,
+    pub(crate) body: String,
 }
 
 impl Reply {
-    fn json(&self) -> Value {
+    pub(crate) fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
     }
 
@@ -31,7 +31,7 @@ impl Reply {
 }
 
 /// Sends one request; `url` is an absolute `http://host:port/path?query`.
-async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+pub(crate) async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &str) -> Reply {
     try_send(method, url, headers, body)
         .await
         .expect("the connection closed without a response")
@@ -863,6 +863,12 @@ async fn every_routed_operation_is_named() {
         ("GET", "/cacertificates"),
         ("GET", "/cacertificate/x"),
         ("PUT", "/cacertificate/x"),
+        ("GET", "/certificates-by-ca/x"),
+        ("POST", "/provisioning-templates"),
+        ("GET", "/provisioning-templates"),
+        ("GET", "/provisioning-templates/x"),
+        ("PATCH", "/provisioning-templates/x"),
+        ("DELETE", "/provisioning-templates/x"),
     ];
     for (method, path) in requests {
         let reply = iot(&sandbox, method, path, json!({})).await;

@@ -11,6 +11,8 @@
 //!   attachments) and bulk registration (`StartThingRegistrationTask` and its
 //!   family), including per-line failures, one task at a time, and report
 //!   files in S3 behind pre-signed links;
+//! - requests signed for `iam` go to a small IAM emulation (query protocol,
+//!   XML answers): `CreateRole`, `GetRole`, `DeleteRole`, `ListRoles`;
 //! - everything else goes to an S3 implementation (`s3s` over `s3s-fs`)
 //!   whose objects are plain files under `<state_dir>/s3/<bucket>/<key>`.
 //!
@@ -37,13 +39,43 @@
 //! - Certificates: `CreateCertificateFromCsr`, `DescribeCertificate`,
 //!   `ListCertificates`, `UpdateCertificate`, `DeleteCertificate`,
 //!   `RegisterCertificate`, `RegisterCertificateWithoutCA`,
-//!   `GetRegistrationCode`, `RegisterCACertificate`,
-//!   `DescribeCACertificate`, `ListCACertificates`, `UpdateCACertificate`.
+//!   `GetRegistrationCode`, `RegisterCACertificate` (with
+//!   `registrationConfig`), `DescribeCACertificate`, `ListCACertificates`,
+//!   `UpdateCACertificate`, `ListCertificatesByCA`.
+//! - Provisioning templates: `CreateProvisioningTemplate`,
+//!   `DescribeProvisioningTemplate`, `ListProvisioningTemplates`,
+//!   `UpdateProvisioningTemplate`, `DeleteProvisioningTemplate` (one version
+//!   each). A CA's `registrationConfig.templateName` must name a template of
+//!   type `JITP`.
 //! - `DescribeEndpoint` (`iot:Data`, `iot:Data-ATS`,
 //!   `iot:CredentialProvider`, `iot:Jobs`).
 //!
 //! Any other IoT call gets HTTP 404 with the error type
 //! `UnknownOperationException`. S3 is whatever `s3s-fs` implements.
+//!
+//! # The device endpoint
+//!
+//! A second loopback listener ([`Sandbox::device_endpoint`],
+//! [`Config::device_addr`]) behaves like AWS IoT's ATS data endpoint: TLS
+//! with a server certificate from the sandbox CA ([`Sandbox::ca_certificate_pem`])
+//! for the `iot:Data-ATS` address ([`Sandbox::device_server_name`]),
+//! `localhost` and `127.0.0.1`, and a mandatory client certificate, judged
+//! against the registry after the handshake:
+//!
+//! - registered and ACTIVE (and its CA, if any, ACTIVE): an MQTT 3.1.1 / 5
+//!   session (CONNACK, PUBACK, SUBACK, PINGRESP; messages are not routed);
+//! - unknown, signed by a registered ACTIVE CA with auto-registration ENABLE
+//!   and a JITP template (`registrationConfig.templateBody`, or a JITP
+//!   provisioning template by name): the template runs with the
+//!   `AWS::IoT::Certificate::*` parameters of the certificate's subject and
+//!   its `::Id`, the certificate ends ACTIVE, and the connection is dropped;
+//!   if the subject lacks a declared parameter without Default, the
+//!   certificate stays PENDING_ACTIVATION and nothing else is made;
+//! - the same without a template (JITR): registered PENDING_ACTIVATION under
+//!   its CA, dropped;
+//! - anything else: dropped.
+//!
+//! The `device` part of [`Sandbox::stats`] counts what happened.
 //!
 //! # Faults and the admin endpoint
 //!
@@ -61,7 +93,9 @@
 //! - `GET /_sandbox/faults`: the plan in force, as JSON;
 //! - `PUT /_sandbox/faults`: replaces it; the body is the text syntax or
 //!   JSON (an empty body is no faults); answers the new plan;
-//! - `GET /_sandbox/stats`: what [`Sandbox::stats`] returns.
+//! - `GET /_sandbox/stats`: what [`Sandbox::stats`] returns;
+//! - `GET /_sandbox/device-endpoint`: `{"address": "127.0.0.1:PORT",
+//!   "serverName": "<the iot:Data-ATS address>"}`.
 //!
 //! Where AWS leaves behaviour undocumented (the report line format above
 //! all), [`ReportFormat`] selects which plausible variant the sandbox
@@ -78,12 +112,18 @@
 
 mod admin;
 mod ca;
+mod device;
+#[cfg(test)]
+mod device_tests;
 #[cfg(test)]
 mod e2e_tests;
 mod faults;
+mod iam;
 mod ids;
 mod iot;
 mod s3;
+#[cfg(test)]
+mod sdk_tests;
 mod server;
 mod state;
 
@@ -280,6 +320,8 @@ pub struct Config {
     /// Faults to inject from the start (none by default); replaceable at
     /// run time with [`Sandbox::set_faults`] or `PUT /_sandbox/faults`.
     pub faults: FaultPlan,
+    /// Address of the device endpoint (TLS, MQTT); port 0 picks a free port.
+    pub device_addr: SocketAddr,
 }
 
 impl Default for Config {
@@ -293,6 +335,7 @@ impl Default for Config {
             seed: 0,
             report_link_ttl_secs: 3600,
             faults: FaultPlan::default(),
+            device_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
         }
     }
 }
@@ -308,6 +351,10 @@ pub(crate) struct Shared {
     pub(crate) faults: faults::Faults,
     /// Background bulk-task engines, awaited on shutdown.
     pub(crate) engines: std::sync::Mutex<Vec<JoinHandle<()>>>,
+    /// Where the device endpoint listens, and the name its certificate is for.
+    pub(crate) device_addr: SocketAddr,
+    pub(crate) device_server_name: String,
+    pub(crate) device_stats: device::DeviceStats,
 }
 
 /// A running sandbox. Dropping it stops the server without waiting; call
@@ -317,6 +364,7 @@ pub struct Sandbox {
     state_dir: PathBuf,
     shutdown_tx: watch::Sender<bool>,
     server: Option<JoinHandle<()>>,
+    device_server: Option<JoinHandle<()>>,
     /// Keeps a private state directory alive; declared last so it is removed
     /// after everything else has been dropped.
     _temp_dir: Option<tempfile::TempDir>,
@@ -357,15 +405,18 @@ impl Sandbox {
         let listener = tokio::net::TcpListener::bind(config.addr)
             .await
             .with_context(|| format!("binding {}", config.addr))?;
-        let mut local = listener.local_addr().context("reading the bound address")?;
-        if local.ip().is_unspecified() {
-            // Listening on every interface; clients still reach it on loopback.
-            local.set_ip(match local {
-                SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
-                SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
-            });
-        }
+        let local = reachable(listener.local_addr().context("reading the bound address")?);
         let endpoint_url = format!("http://{local}");
+        let device_listener = tokio::net::TcpListener::bind(config.device_addr)
+            .await
+            .with_context(|| format!("binding the device endpoint {}", config.device_addr))?;
+        let device_addr = reachable(
+            device_listener
+                .local_addr()
+                .context("reading the device endpoint's address")?,
+        );
+        let device_tls = device::tls_config(&ca, &config.region).context("setting up the device endpoint's TLS")?;
+        let device_server_name = iot::data_ats_address(&config.region);
 
         if !config.faults.is_none() {
             tracing::warn!(faults = %config.faults, "sandbox fault plan in force");
@@ -381,19 +432,29 @@ impl Sandbox {
             shutdown: shutdown_rx,
             faults,
             engines: std::sync::Mutex::new(Vec::new()),
+            device_addr,
+            device_server_name,
+            device_stats: device::DeviceStats::default(),
         });
         shared.store.persist().await?;
 
         let s3 = s3::service(&s3_root)?;
         iot::task::resume_unfinished(&shared);
         let server = tokio::spawn(server::serve(listener, shared.clone(), s3));
-        tracing::info!(endpoint = %shared.endpoint_url, state_dir = %state_dir.display(), "sandbox started");
+        let device_server = tokio::spawn(device::serve(device_listener, shared.clone(), device_tls));
+        tracing::info!(
+            endpoint = %shared.endpoint_url,
+            device_endpoint = %device_addr,
+            state_dir = %state_dir.display(),
+            "sandbox started"
+        );
 
         Ok(Sandbox {
             shared,
             state_dir,
             shutdown_tx,
             server: Some(server),
+            device_server: Some(device_server),
             _temp_dir: temp_dir,
         })
     }
@@ -401,6 +462,21 @@ impl Sandbox {
     /// The endpoint URL for clients, such as `http://127.0.0.1:40123`.
     pub fn endpoint_url(&self) -> String {
         self.shared.endpoint_url.clone()
+    }
+
+    /// The address of the device endpoint: TLS with a mandatory client
+    /// certificate, then MQTT 3.1.1 or 5, like AWS IoT's ATS data endpoint.
+    /// Its server certificate is signed by the CA of
+    /// [`Sandbox::ca_certificate_pem`] and names
+    /// [`Sandbox::device_server_name`], `localhost` and `127.0.0.1`.
+    pub fn device_endpoint(&self) -> SocketAddr {
+        self.shared.device_addr
+    }
+
+    /// The `iot:Data-ATS` address DescribeEndpoint answers, which is the
+    /// server name (SNI, certificate check) for the device endpoint.
+    pub fn device_server_name(&self) -> String {
+        self.shared.device_server_name.clone()
     }
 
     /// The PEM of the sandbox CA that signs device certificates.
@@ -446,7 +522,16 @@ impl Sandbox {
     ///   "lines_processed": 1200,
     ///   "fail_after_cert_lines": [
     ///     {"task_id": "..", "line_index": 17, "thing_name": "dev-17", "certificate_id": ".."}
-    ///   ]
+    ///   ],
+    ///   "device": {
+    ///     "connections_accepted": {"<certificate id>": 2},
+    ///     "connections_refused": {"jitp_provisioned": 1, "certificate_not_active": 1},
+    ///     "messages_published": {"<certificate id>": 5},
+    ///     "tls_handshake_failures": 0,
+    ///     "jitr_registered": [{"certificate_id": "..", "ca_certificate_id": ".."}],
+    ///     "jitp_provisioned": [{"certificate_id": "..", "ca_certificate_id": "..", "thing_name": "dev-1"}],
+    ///     "jitp_failures": [{"certificate_id": "..", "ca_certificate_id": "..", "message": ".."}]
+    ///   }
     /// }
     /// ```
     ///
@@ -457,7 +542,12 @@ impl Sandbox {
     /// restarts. The rest counts this process only: `calls` every IoT call
     /// received by operation name (faulted ones included), `faults_injected`
     /// both planned and armed faults, `lines_processed` the task lines that
-    /// [`FaultPlan::exit_after_lines`] counts.
+    /// [`FaultPlan::exit_after_lines`] counts, and `device` the device
+    /// endpoint: CONNACKs by certificate id, dropped connections by reason
+    /// (`bad_certificate`, `certificate_not_active`, `certificate_expired`,
+    /// `unknown_ca`, `ca_inactive`, `auto_registration_disabled`,
+    /// `jitr_registered`, `jitp_provisioned`, `jitp_failed`), PUBLISH packets
+    /// by certificate id, failed handshakes, and each auto-registration.
     pub fn stats(&self) -> serde_json::Value {
         admin::stats(&self.shared)
     }
@@ -469,6 +559,9 @@ impl Sandbox {
         if let Some(server) = self.server.take() {
             server.await.context("the sandbox server panicked")?;
         }
+        if let Some(device_server) = self.device_server.take() {
+            device_server.await.context("the device endpoint panicked")?;
+        }
         let engines = std::mem::take(&mut *state::lock(&self.shared.engines));
         for engine in engines {
             engine.await.context("a bulk task engine panicked")?;
@@ -477,6 +570,18 @@ impl Sandbox {
         tracing::info!(endpoint = %self.shared.endpoint_url, "sandbox stopped");
         Ok(())
     }
+}
+
+/// The address clients use for a bound one: loopback for an unspecified IP.
+fn reachable(mut addr: SocketAddr) -> SocketAddr {
+    if addr.ip().is_unspecified() {
+        // Listening on every interface; clients still reach it on loopback.
+        addr.set_ip(match addr {
+            SocketAddr::V4(_) => Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    addr
 }
 
 impl Drop for Sandbox {
@@ -489,6 +594,7 @@ impl fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Sandbox")
             .field("endpoint_url", &self.shared.endpoint_url)
+            .field("device_endpoint", &self.shared.device_addr)
             .field("state_dir", &self.state_dir)
             .finish_non_exhaustive()
     }

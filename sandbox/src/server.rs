@@ -1,6 +1,6 @@
 //! The listener: one HTTP/1 server that routes each request to the admin
-//! endpoint (paths under `/_sandbox/`), or else to the IoT emulation or to
-//! S3 by the service named in its SigV4 credential scope.
+//! endpoint (paths under `/_sandbox/`), or else to the IoT emulation, the
+//! IAM emulation or S3 by the service named in its SigV4 credential scope.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,6 +23,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, PartialEq, Eq)]
 enum Target {
     Iot,
+    Iam,
     S3,
 }
 
@@ -51,6 +52,7 @@ fn target_of<B>(req: &Request<B>) -> Target {
     };
     match from_header.or_else(from_query).as_deref().and_then(credential_service) {
         Some("iot" | "execute-api") => Target::Iot,
+        Some("iam") => Target::Iam,
         _ => Target::S3,
     }
 }
@@ -65,6 +67,7 @@ async fn handle(shared: Arc<Shared>, s3: S3Service, req: Request<Incoming>) -> R
     }
     let response = match target_of(&req) {
         Target::Iot => crate::iot::handle(&shared, req).await?,
+        Target::Iam => crate::iam::handle(&shared, req).await,
         Target::S3 => match s3.call(req.map(Body::from)).await {
             Ok(response) => response,
             Err(e) => {
@@ -80,7 +83,7 @@ async fn handle(shared: Arc<Shared>, s3: S3Service, req: Request<Incoming>) -> R
 }
 
 /// Resolves once shutdown has been asked for.
-async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
+pub(crate) async fn stopped(shutdown: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|stop| *stop).await;
 }
 
@@ -157,5 +160,7 @@ mod tests {
         assert_eq!(target_of(&request(None, presigned)), Target::Iot);
         let execute_api = iot.replace("/iot/", "/execute-api/");
         assert_eq!(target_of(&request(Some(&execute_api), "/things")), Target::Iot);
+        let iam = iot.replace("/iot/", "/iam/");
+        assert_eq!(target_of(&request(Some(&iam), "/")), Target::Iam);
     }
 }

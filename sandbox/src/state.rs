@@ -66,6 +66,12 @@ pub(crate) struct State {
     /// Successful StartThingRegistrationTask calls, ever.
     #[serde(default)]
     pub tasks_started: u64,
+    /// Provisioning templates by name.
+    #[serde(default)]
+    pub provisioning_templates: BTreeMap<String, ProvisioningTemplate>,
+    /// IAM roles by name.
+    #[serde(default)]
+    pub roles: BTreeMap<String, crate::iam::Role>,
 }
 
 impl State {
@@ -203,6 +209,40 @@ pub(crate) struct CaCertificate {
     pub not_after: f64,
     pub generation_id: String,
     pub seq: u64,
+    /// The JITP template of the CA, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub registration_config: Option<RegistrationConfig>,
+}
+
+/// The `registrationConfig` of a CA certificate.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct RegistrationConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_body: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role_arn: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_name: Option<String>,
+}
+
+/// A provisioning template (CreateProvisioningTemplate).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct ProvisioningTemplate {
+    pub template_name: String,
+    pub template_arn: String,
+    pub description: Option<String>,
+    pub template_body: String,
+    pub enabled: bool,
+    pub provisioning_role_arn: String,
+    /// `FLEET_PROVISIONING` or `JITP`.
+    #[serde(rename = "type")]
+    pub template_type: String,
+    /// As the caller gave it: `{targetArn, payloadVersion}`.
+    pub pre_provisioning_hook: Option<serde_json::Value>,
+    pub creation_date: f64,
+    pub last_modified_date: f64,
 }
 
 /// Status of a bulk registration task, as on the wire.

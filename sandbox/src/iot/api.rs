@@ -12,10 +12,13 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::state::{CaCertificate, Certificate, Task, TaskStatus, Thing, ThingGroup, ThingType};
+use crate::state::{
+    CaCertificate, Certificate, ProvisioningTemplate, RegistrationConfig, State, Task, TaskStatus, Thing, ThingGroup,
+    ThingType,
+};
 use crate::{s3, Shared, ACCOUNT_ID, REPORTS_BUCKET};
 
-use super::registry::{self, Ctx, ThingConfig, ThingUpdate};
+use super::registry::{self, Ctx, NewTemplate, TemplateUpdate, ThingConfig, ThingUpdate};
 use super::task::{self, commit, StartRequest};
 use super::ApiError;
 
@@ -199,6 +202,12 @@ pub(crate) fn operation_name(method: &str, path: &str) -> &'static str {
         ("GET", ["cacertificates"]) => "ListCACertificates",
         ("GET", ["cacertificate", _]) => "DescribeCACertificate",
         ("PUT", ["cacertificate", _]) => "UpdateCACertificate",
+        ("GET", ["certificates-by-ca", _]) => "ListCertificatesByCA",
+        ("POST", ["provisioning-templates"]) => "CreateProvisioningTemplate",
+        ("GET", ["provisioning-templates"]) => "ListProvisioningTemplates",
+        ("GET", ["provisioning-templates", _]) => "DescribeProvisioningTemplate",
+        ("PATCH", ["provisioning-templates", _]) => "UpdateProvisioningTemplate",
+        ("DELETE", ["provisioning-templates", _]) => "DeleteProvisioningTemplate",
         _ => "UnknownOperation",
     }
 }
@@ -321,6 +330,20 @@ pub(crate) async fn dispatch(shared: &Arc<Shared>, req: Request<Incoming>) -> Re
         ("GET", ["cacertificates"]) => list_ca_certificates(shared, &req),
         ("GET", ["cacertificate", id]) => describe_ca_certificate(shared, id),
         ("PUT", ["cacertificate", id]) => update_ca_certificate(shared, &req, id).await,
+        ("GET", ["certificates-by-ca", id]) => list_certificates_by_ca(shared, &req, id),
+
+        // Provisioning templates.
+        ("POST", ["provisioning-templates"]) => create_provisioning_template(shared, &req).await,
+        ("GET", ["provisioning-templates"]) => list_provisioning_templates(shared, &req),
+        ("GET", ["provisioning-templates", name]) => describe_provisioning_template(shared, name),
+        ("PATCH", ["provisioning-templates", name]) => update_provisioning_template(shared, &req, name).await,
+        ("DELETE", ["provisioning-templates", name]) => {
+            shared
+                .store
+                .write(|s| registry::delete_provisioning_template(s, name))?;
+            commit(shared).await?;
+            Ok(json!({}))
+        }
 
         _ => Err(ApiError::new(
             "UnknownOperationException",
@@ -442,7 +465,7 @@ fn describe_endpoint(shared: &Shared, req: &ApiRequest) -> Result<Value, ApiErro
     let region = &shared.config.region;
     let address = match req.query("endpointType") {
         None | Some("iot:Data") => format!("sandbox.iot.{region}.localhost"),
-        Some("iot:Data-ATS") => format!("sandbox-ats.iot.{region}.localhost"),
+        Some("iot:Data-ATS") => super::data_ats_address(region),
         Some("iot:CredentialProvider") => format!("sandbox.credentials.iot.{region}.localhost"),
         Some("iot:Jobs") => format!("sandbox.jobs.iot.{region}.localhost"),
         Some(other) => return Err(ApiError::invalid(format!("unknown endpointType `{other}`"))),
@@ -1024,7 +1047,7 @@ async fn create_certificate_from_csr(shared: &Arc<Shared>, req: &ApiRequest) -> 
     }))
 }
 
-fn certificate_json(c: &Certificate) -> Value {
+fn certificate_json(c: &Certificate, mode: &str) -> Value {
     let mut out = json!({
         "certificateArn": c.certificate_arn,
         "certificateId": c.certificate_id,
@@ -1036,7 +1059,7 @@ fn certificate_json(c: &Certificate) -> Value {
         "customerVersion": c.customer_version,
         "generationId": c.generation_id,
         "validity": { "notBefore": c.not_before, "notAfter": c.not_after },
-        "certificateMode": "DEFAULT",
+        "certificateMode": mode,
     });
     if let Some(ca) = &c.ca_certificate_id {
         out["caCertificateId"] = json!(ca);
@@ -1049,7 +1072,7 @@ fn describe_certificate(shared: &Shared, id: &str) -> Result<Value, ApiError> {
         state
             .certificates
             .get(id)
-            .map(|c| json!({ "certificateDescription": certificate_json(c) }))
+            .map(|c| json!({ "certificateDescription": certificate_json(c, &certificate_mode(state, c)) }))
             .ok_or_else(|| ApiError::not_found(format!("The certificate {id} does not exist")))
     })
 }
@@ -1111,6 +1134,7 @@ struct RegisterCaBody {
     ca_certificate: Option<String>,
     verification_certificate: Option<String>,
     certificate_mode: Option<String>,
+    registration_config: Option<RegistrationConfig>,
 }
 
 async fn register_ca_certificate(shared: &Arc<Shared>, req: &ApiRequest) -> Result<Value, ApiError> {
@@ -1128,6 +1152,7 @@ async fn register_ca_certificate(shared: &Arc<Shared>, req: &ApiRequest) -> Resu
             &mode,
             active,
             auto,
+            body.registration_config,
         )
     })?;
     commit(shared).await?;
@@ -1156,7 +1181,13 @@ fn describe_ca_certificate(shared: &Shared, id: &str) -> Result<Value, ApiError>
         state
             .ca_certificates
             .get(id)
-            .map(|c| json!({ "certificateDescription": ca_certificate_json(c) }))
+            .map(|c| {
+                let mut out = json!({ "certificateDescription": ca_certificate_json(c) });
+                if let Some(config) = &c.registration_config {
+                    out["registrationConfig"] = json!(config);
+                }
+                out
+            })
             .ok_or_else(|| ApiError::not_found(format!("The CA certificate {id} does not exist")))
     })
 }
@@ -1187,33 +1218,210 @@ fn list_ca_certificates(shared: &Shared, req: &ApiRequest) -> Result<Value, ApiE
     Ok(json!({ "certificates": certs, "nextMarker": next }))
 }
 
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UpdateCaBody {
+    registration_config: Option<RegistrationConfig>,
+    #[serde(default)]
+    remove_auto_registration: bool,
+}
+
 async fn update_ca_certificate(shared: &Arc<Shared>, req: &ApiRequest, id: &str) -> Result<Value, ApiError> {
     let status = req.query("newStatus").map(str::to_owned);
     let auto = req.query("newAutoRegistrationStatus").map(str::to_owned);
+    let body: UpdateCaBody = req.json()?;
     shared.store.write(|state| {
-        let ca = state
-            .ca_certificates
-            .get_mut(id)
-            .ok_or_else(|| ApiError::not_found(format!("The CA certificate {id} does not exist")))?;
-        if let Some(status) = status {
+        if !state.ca_certificates.contains_key(id) {
+            return Err(ApiError::not_found(format!("The CA certificate {id} does not exist")));
+        }
+        if let Some(status) = &status {
             if status != "ACTIVE" && status != "INACTIVE" {
                 return Err(ApiError::invalid(format!(
                     "newStatus must be ACTIVE or INACTIVE, not `{status}`"
                 )));
             }
-            ca.status = status;
         }
-        if let Some(auto) = auto {
+        if let Some(auto) = &auto {
             if auto != "ENABLE" && auto != "DISABLE" {
                 return Err(ApiError::invalid(format!(
                     "newAutoRegistrationStatus must be ENABLE or DISABLE, not `{auto}`"
                 )));
             }
+        }
+        if body.remove_auto_registration && body.registration_config.is_some() {
+            return Err(ApiError::invalid(
+                "registrationConfig cannot be combined with removeAutoRegistration",
+            ));
+        }
+        let config = body
+            .registration_config
+            .map(|config| registry::check_registration_config(state, config))
+            .transpose()?;
+        let Some(ca) = state.ca_certificates.get_mut(id) else {
+            return Err(ApiError::not_found(format!("The CA certificate {id} does not exist")));
+        };
+        if let Some(status) = status {
+            ca.status = status;
+        }
+        if let Some(auto) = auto {
             ca.auto_registration_status = auto;
+        }
+        if body.remove_auto_registration {
+            ca.registration_config = None;
+        } else if let Some(config) = config {
+            ca.registration_config = Some(config);
         }
         ca.last_modified_date = crate::state::now();
         Ok(())
     })?;
+    commit(shared).await?;
+    Ok(json!({}))
+}
+
+/// The certificate mode of a device certificate: its CA's, or DEFAULT.
+fn certificate_mode(state: &State, cert: &Certificate) -> String {
+    cert.ca_certificate_id
+        .as_ref()
+        .and_then(|ca| state.ca_certificates.get(ca))
+        .map_or_else(|| "DEFAULT".to_owned(), |ca| ca.certificate_mode.clone())
+}
+
+fn list_certificates_by_ca(shared: &Shared, req: &ApiRequest, ca_id: &str) -> Result<Value, ApiError> {
+    let ascending = req.query_bool("isAscendingOrder")?.unwrap_or(false);
+    let token = req.query("marker");
+    let size = req.query_int("pageSize")?;
+    let (certs, next) = shared.store.read(|state| {
+        let mut certs: Vec<&Certificate> = state
+            .certificates
+            .values()
+            .filter(|c| c.ca_certificate_id.as_deref() == Some(ca_id))
+            .collect();
+        certs.sort_by_key(|c| c.seq);
+        if !ascending {
+            certs.reverse();
+        }
+        let (certs, next) = page(certs, token, size, 25, 250)?;
+        let certs: Vec<Value> = certs
+            .into_iter()
+            .map(|c| {
+                json!({
+                    "certificateArn": c.certificate_arn,
+                    "certificateId": c.certificate_id,
+                    "status": c.status,
+                    "certificateMode": certificate_mode(state, c),
+                    "creationDate": c.creation_date,
+                })
+            })
+            .collect();
+        Ok::<_, ApiError>((certs, next))
+    })?;
+    Ok(json!({ "certificates": certs, "nextMarker": next }))
+}
+
+// ---------------------------------------------------------------------------
+// Provisioning templates
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateTemplateBody {
+    template_name: Option<String>,
+    description: Option<String>,
+    template_body: Option<String>,
+    #[serde(default)]
+    enabled: bool,
+    provisioning_role_arn: Option<String>,
+    pre_provisioning_hook: Option<Value>,
+    #[serde(rename = "type")]
+    template_type: Option<String>,
+}
+
+async fn create_provisioning_template(shared: &Arc<Shared>, req: &ApiRequest) -> Result<Value, ApiError> {
+    let body: CreateTemplateBody = req.json()?;
+    let new = NewTemplate {
+        name: required(body.template_name, "templateName")?,
+        description: body.description,
+        body: required(body.template_body, "templateBody")?,
+        enabled: body.enabled,
+        role_arn: required(body.provisioning_role_arn, "provisioningRoleArn")?,
+        template_type: body.template_type.unwrap_or_else(|| "FLEET_PROVISIONING".to_owned()),
+        pre_provisioning_hook: body.pre_provisioning_hook,
+    };
+    let template = shared
+        .store
+        .write(|s| registry::create_provisioning_template(s, ctx(shared), new))?;
+    commit(shared).await?;
+    Ok(json!({
+        "templateArn": template.template_arn,
+        "templateName": template.template_name,
+        "defaultVersionId": 1,
+    }))
+}
+
+fn template_summary(t: &ProvisioningTemplate) -> Value {
+    let mut out = json!({
+        "templateArn": t.template_arn,
+        "templateName": t.template_name,
+        "creationDate": t.creation_date,
+        "lastModifiedDate": t.last_modified_date,
+        "enabled": t.enabled,
+        "type": t.template_type,
+    });
+    if let Some(d) = &t.description {
+        out["description"] = json!(d);
+    }
+    out
+}
+
+fn describe_provisioning_template(shared: &Shared, name: &str) -> Result<Value, ApiError> {
+    shared.store.read(|state| {
+        let t = state
+            .provisioning_templates
+            .get(name)
+            .ok_or_else(|| ApiError::not_found(format!("The provisioning template {name} does not exist")))?;
+        let mut out = template_summary(t);
+        out["defaultVersionId"] = json!(1);
+        out["templateBody"] = json!(t.template_body);
+        out["provisioningRoleArn"] = json!(t.provisioning_role_arn);
+        if let Some(hook) = &t.pre_provisioning_hook {
+            out["preProvisioningHook"] = hook.clone();
+        }
+        Ok(out)
+    })
+}
+
+fn list_provisioning_templates(shared: &Shared, req: &ApiRequest) -> Result<Value, ApiError> {
+    let templates: Vec<Value> = shared
+        .store
+        .read(|state| state.provisioning_templates.values().map(template_summary).collect());
+    let (templates, next) = page(templates, req.query("nextToken"), req.query_int("maxResults")?, 25, 250)?;
+    Ok(json!({ "templates": templates, "nextToken": next }))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct UpdateTemplateBody {
+    description: Option<String>,
+    enabled: Option<bool>,
+    default_version_id: Option<i64>,
+    provisioning_role_arn: Option<String>,
+    pre_provisioning_hook: Option<Value>,
+    #[serde(default)]
+    remove_pre_provisioning_hook: bool,
+}
+
+async fn update_provisioning_template(shared: &Arc<Shared>, req: &ApiRequest, name: &str) -> Result<Value, ApiError> {
+    let body: UpdateTemplateBody = req.json()?;
+    let update = TemplateUpdate {
+        description: body.description,
+        enabled: body.enabled,
+        default_version_id: body.default_version_id,
+        role_arn: body.provisioning_role_arn,
+        pre_provisioning_hook: body.pre_provisioning_hook,
+        remove_pre_provisioning_hook: body.remove_pre_provisioning_hook,
+    };
+    shared
+        .store
+        .write(|s| registry::update_provisioning_template(s, name, update))?;
     commit(shared).await?;
     Ok(json!({}))
 }

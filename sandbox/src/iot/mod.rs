@@ -1,6 +1,7 @@
 //! The AWS IoT control-plane emulation (REST-JSON, as the botocore model
 //! and `aws-sdk-iot` define it).
 
+pub(crate) mod admission;
 mod api;
 mod provision;
 mod registry;
@@ -14,6 +15,12 @@ use s3s::Body;
 use std::sync::Arc;
 
 use crate::{Fault, Shared};
+
+/// The `iot:Data-ATS` address DescribeEndpoint answers, which the device
+/// endpoint's server certificate names.
+pub(crate) fn data_ats_address(region: &str) -> String {
+    format!("sandbox-ats.iot.{region}.localhost")
+}
 
 /// An IoT API error: the modelled error code, which fixes the HTTP status,
 /// and a message.

@@ -6,9 +6,13 @@ use std::collections::BTreeMap;
 
 use crate::ca::{self, CertError, ParsedCertificate, SandboxCa};
 use crate::ids;
-use crate::state::{self, BillingGroup, CaCertificate, Certificate, Policy, State, Thing, ThingGroup, ThingType};
+use crate::state::{
+    self, BillingGroup, CaCertificate, Certificate, Policy, ProvisioningTemplate, RegistrationConfig, State, Thing,
+    ThingGroup, ThingType,
+};
 use crate::ACCOUNT_ID;
 
+use super::template::Template;
 use super::ApiError;
 
 /// Most attributes a thing may carry.
@@ -706,6 +710,7 @@ pub(crate) fn register_ca_certificate(
     mode: &str,
     active: bool,
     auto_registration: bool,
+    registration_config: Option<RegistrationConfig>,
 ) -> Result<CaCertificate, ApiError> {
     let parsed = ca::parse_certificate(ca_pem).map_err(cert_error)?;
     if !ca::is_ca_certificate(&parsed.der) {
@@ -735,9 +740,17 @@ pub(crate) fn register_ca_certificate(
                 ));
             }
         }
+        "SNI_ONLY" if verification_pem.is_some_and(|v| !v.trim().is_empty()) => {
+            return Err(ApiError::invalid(
+                "a verification certificate must not be given to register a CA in SNI_ONLY mode",
+            ));
+        }
         "SNI_ONLY" => {}
         other => return Err(ApiError::invalid(format!("unknown certificate mode `{other}`"))),
     }
+    let registration_config = registration_config
+        .map(|config| check_registration_config(state, config))
+        .transpose()?;
     if let Some(existing) = state.ca_certificates.get(&parsed.id) {
         return Err(ApiError::already_exists(
             "The CA certificate is already registered",
@@ -760,9 +773,269 @@ pub(crate) fn register_ca_certificate(
         not_after: parsed.not_after,
         generation_id: hex::encode(&ids::derive(ctx.seed, "cacert-generation", seq)[..16]),
         seq,
+        registration_config,
     };
     state.ca_certificates.insert(parsed.id, record.clone());
     Ok(record)
+}
+
+/// Most characters of a template body.
+pub(crate) const MAX_TEMPLATE_BODY: usize = 10240;
+
+/// Checks a template body: size and the static checks of the template engine.
+pub(crate) fn check_template_body(body: &str) -> Result<(), ApiError> {
+    if body.is_empty() || body.chars().count() > MAX_TEMPLATE_BODY {
+        return Err(ApiError::invalid(format!(
+            "templateBody must be 1 to {MAX_TEMPLATE_BODY} characters"
+        )));
+    }
+    Template::parse(body).map_err(|e| ApiError::invalid(e.0))?;
+    Ok(())
+}
+
+/// Checks a CA's `registrationConfig`: a valid inline template body, or the
+/// name of a provisioning template of type JITP, not both. An empty config
+/// (no field set) reads as none.
+pub(crate) fn check_registration_config(
+    state: &State,
+    config: RegistrationConfig,
+) -> Result<RegistrationConfig, ApiError> {
+    let config = RegistrationConfig {
+        template_body: config.template_body.filter(|b| !b.is_empty()),
+        role_arn: config.role_arn.filter(|r| !r.is_empty()),
+        template_name: config.template_name.filter(|n| !n.is_empty()),
+    };
+    match (&config.template_body, &config.template_name) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "registrationConfig takes a templateBody or a templateName, not both",
+            ))
+        }
+        (Some(body), None) => check_template_body(body)?,
+        (None, Some(name)) => match state.provisioning_templates.get(name) {
+            None => return Err(ApiError::invalid(format!("The provisioning template {name} does not exist"))),
+            Some(t) if t.template_type != "JITP" => {
+                return Err(ApiError::invalid(format!(
+                    "The provisioning template {name} is of type {}; a CA's registrationConfig needs a template of type JITP",
+                    t.template_type
+                )))
+            }
+            Some(_) => {}
+        },
+        (None, None) => {}
+    }
+    if let Some(role) = &config.role_arn {
+        check_role_arn("roleArn", role)?;
+    }
+    Ok(config)
+}
+
+/// Checks that a role ARN looks like one: `arn:aws:iam::ACCOUNT:role/NAME`.
+pub(crate) fn check_role_arn(field: &str, arn: &str) -> Result<(), ApiError> {
+    let ok = arn.len() <= 2048
+        && arn
+            .strip_prefix("arn:aws:iam::")
+            .and_then(|rest| rest.split_once(":role/"))
+            .is_some_and(|(account, name)| {
+                account.len() == 12 && account.bytes().all(|b| b.is_ascii_digit()) && !name.is_empty()
+            });
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "{field} `{arn}` is not the ARN of an IAM role"
+        )))
+    }
+}
+
+/// Provisioning template names: `[0-9A-Za-z_-]{1,36}`.
+pub(crate) fn validate_template_name(name: &str) -> Result<(), ApiError> {
+    let ok =
+        !name.is_empty() && name.len() <= 36 && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(format!(
+            "template name `{name}` is not valid: it must be 1 to 36 characters from [0-9A-Za-z_-]"
+        )))
+    }
+}
+
+/// The fields of a CreateProvisioningTemplate call.
+pub(crate) struct NewTemplate {
+    pub name: String,
+    pub description: Option<String>,
+    pub body: String,
+    pub enabled: bool,
+    pub role_arn: String,
+    pub template_type: String,
+    pub pre_provisioning_hook: Option<serde_json::Value>,
+}
+
+pub(crate) fn create_provisioning_template(
+    state: &mut State,
+    ctx: Ctx<'_>,
+    new: NewTemplate,
+) -> Result<ProvisioningTemplate, ApiError> {
+    validate_template_name(&new.name)?;
+    if new.description.as_ref().is_some_and(|d| d.chars().count() > 500) {
+        return Err(ApiError::invalid("description must be at most 500 characters"));
+    }
+    check_template_body(&new.body)?;
+    check_role_arn("provisioningRoleArn", &new.role_arn)?;
+    match new.template_type.as_str() {
+        "FLEET_PROVISIONING" => {}
+        "JITP" if new.pre_provisioning_hook.is_some() => {
+            return Err(ApiError::invalid(
+                "a pre-provisioning hook is only allowed in templates of type FLEET_PROVISIONING",
+            ))
+        }
+        "JITP" => {}
+        other => {
+            return Err(ApiError::invalid(format!(
+                "type must be FLEET_PROVISIONING or JITP, not `{other}`"
+            )))
+        }
+    }
+    if let Some(hook) = &new.pre_provisioning_hook {
+        check_hook(hook)?;
+    }
+    let arn = ctx.arn("provisioningtemplate", &new.name);
+    if state.provisioning_templates.contains_key(&new.name) {
+        return Err(ApiError::already_exists(
+            format!("The provisioning template {} already exists", new.name),
+            &new.name,
+            &arn,
+        ));
+    }
+    let now = state::now();
+    let template = ProvisioningTemplate {
+        template_name: new.name.clone(),
+        template_arn: arn,
+        description: new.description,
+        template_body: new.body,
+        enabled: new.enabled,
+        provisioning_role_arn: new.role_arn,
+        template_type: new.template_type,
+        pre_provisioning_hook: new.pre_provisioning_hook,
+        creation_date: now,
+        last_modified_date: now,
+    };
+    state.provisioning_templates.insert(new.name, template.clone());
+    Ok(template)
+}
+
+/// A pre-provisioning hook: `{targetArn, payloadVersion?}`.
+fn check_hook(hook: &serde_json::Value) -> Result<(), ApiError> {
+    let target = hook
+        .get("targetArn")
+        .and_then(serde_json::Value::as_str)
+        .unwrap_or_default();
+    if !target.starts_with("arn:aws:lambda:") {
+        return Err(ApiError::invalid(
+            "preProvisioningHook.targetArn must be the ARN of a Lambda function",
+        ));
+    }
+    if let Some(version) = hook.get("payloadVersion") {
+        let ok = version
+            .as_str()
+            .is_some_and(|v| (10..=32).contains(&v.len()) && v.chars().all(|c| c.is_ascii_digit() || c == '-'));
+        if !ok {
+            return Err(ApiError::invalid("preProvisioningHook.payloadVersion is not valid"));
+        }
+    }
+    Ok(())
+}
+
+fn template_not_found(name: &str) -> ApiError {
+    ApiError::not_found(format!("The provisioning template {name} does not exist"))
+}
+
+/// The fields of an UpdateProvisioningTemplate call.
+#[derive(Default)]
+pub(crate) struct TemplateUpdate {
+    pub description: Option<String>,
+    pub enabled: Option<bool>,
+    pub default_version_id: Option<i64>,
+    pub role_arn: Option<String>,
+    pub pre_provisioning_hook: Option<serde_json::Value>,
+    pub remove_pre_provisioning_hook: bool,
+}
+
+pub(crate) fn update_provisioning_template(
+    state: &mut State,
+    name: &str,
+    update: TemplateUpdate,
+) -> Result<(), ApiError> {
+    let template = state
+        .provisioning_templates
+        .get_mut(name)
+        .ok_or_else(|| template_not_found(name))?;
+    if update.description.as_ref().is_some_and(|d| d.chars().count() > 500) {
+        return Err(ApiError::invalid("description must be at most 500 characters"));
+    }
+    if let Some(version) = update.default_version_id {
+        // The sandbox keeps one version per template.
+        if version != 1 {
+            return Err(ApiError::invalid(format!(
+                "version {version} of the provisioning template {name} does not exist"
+            )));
+        }
+    }
+    if let Some(role) = &update.role_arn {
+        check_role_arn("provisioningRoleArn", role)?;
+    }
+    if update.pre_provisioning_hook.is_some() && update.remove_pre_provisioning_hook {
+        return Err(ApiError::invalid(
+            "preProvisioningHook cannot be combined with removePreProvisioningHook",
+        ));
+    }
+    if let Some(hook) = &update.pre_provisioning_hook {
+        if template.template_type != "FLEET_PROVISIONING" {
+            return Err(ApiError::invalid(
+                "a pre-provisioning hook is only allowed in templates of type FLEET_PROVISIONING",
+            ));
+        }
+        check_hook(hook)?;
+    }
+    if let Some(description) = update.description {
+        template.description = Some(description);
+    }
+    if let Some(enabled) = update.enabled {
+        template.enabled = enabled;
+    }
+    if let Some(role) = update.role_arn {
+        template.provisioning_role_arn = role;
+    }
+    if update.remove_pre_provisioning_hook {
+        template.pre_provisioning_hook = None;
+    } else if let Some(hook) = update.pre_provisioning_hook {
+        template.pre_provisioning_hook = Some(hook);
+    }
+    template.last_modified_date = state::now();
+    Ok(())
+}
+
+pub(crate) fn delete_provisioning_template(state: &mut State, name: &str) -> Result<(), ApiError> {
+    if !state.provisioning_templates.contains_key(name) {
+        return Err(template_not_found(name));
+    }
+    let used_by = state.ca_certificates.values().find(|ca| {
+        ca.registration_config
+            .as_ref()
+            .is_some_and(|c| c.template_name.as_deref() == Some(name))
+    });
+    if let Some(ca) = used_by {
+        return Err(ApiError::new(
+            "DeleteConflictException",
+            format!(
+                "The provisioning template {name} is used by the CA certificate {}",
+                ca.certificate_id
+            ),
+        ));
+    }
+    state.provisioning_templates.remove(name);
+    Ok(())
 }
 
 #[cfg(test)]

@@ -411,6 +411,16 @@ impl Template {
         }
     }
 
+    /// The declared parameters that have no Default and that `line` gives
+    /// no value for, in name order.
+    pub fn missing_parameters(&self, line: &Map<String, Value>) -> Vec<String> {
+        self.parameters
+            .iter()
+            .filter(|(name, default)| default.is_none() && line.get(*name).is_none_or(Value::is_null))
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
     /// Evaluates the template for one input line (a JSON object of
     /// parameter values).
     pub fn resolve(&self, line: &Map<String, Value>, pseudo: &Pseudo<'_>) -> Result<Resolved, TemplateError> {
