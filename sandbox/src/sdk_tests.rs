@@ -268,6 +268,11 @@ async fn iam_roles_through_the_sdk() {
     iam.delete_role().role_name("second").send().await.unwrap();
     let deleted = iam.get_role().role_name("second").send().await.unwrap_err();
     assert_eq!(deleted.code(), Some("NoSuchEntity"));
+    let calls = &sandbox.stats()["iam_calls"];
+    assert_eq!(calls["CreateRole"], 4);
+    assert_eq!(calls["GetRole"], 3);
+    assert_eq!(calls["ListRoles"], 3);
+    assert_eq!(calls["DeleteRole"], 1);
     sandbox.shutdown().await.unwrap();
 
     // Roles are kept across a restart.
