@@ -140,6 +140,7 @@ pub(crate) fn stats(shared: &Shared) -> Value {
         "faults_injected": injected,
         "lines_processed": lines_processed,
         "fail_after_cert_lines": late,
+        "iam_calls": *crate::state::lock(&shared.iam_calls),
         "device": shared.device_stats.to_json(),
     })
 }

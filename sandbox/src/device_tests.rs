@@ -30,13 +30,31 @@ fn der_of(pem_text: &str) -> CertificateDer<'static> {
     CertificateDer::from(pem::parse(pem_text).unwrap().into_contents())
 }
 
+/// Always presents one certificate chain.
+#[derive(Debug)]
+struct Identity(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::client::ResolvesClientCert for Identity {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
 /// A TLS client trusting the sandbox CA only, presenting `chain` (PEMs,
 /// leaf first) with `key`, or no certificate.
 fn tls_client(sandbox: &Sandbox, identity: Option<(&[&str], &KeyPair)>) -> tokio_rustls::TlsConnector {
     let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.add(der_of(&sandbox.ca_certificate_pem())).unwrap();
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots);
@@ -44,7 +62,11 @@ fn tls_client(sandbox: &Sandbox, identity: Option<(&[&str], &KeyPair)>) -> tokio
         Some((chain, key)) => {
             let chain = chain.iter().map(|pem| der_of(pem)).collect();
             let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-            builder.with_client_auth_cert(chain, key).unwrap()
+            let key = provider.key_provider.load_private_key(key).unwrap();
+            // Not with_client_auth_cert: its consistency check goes through
+            // webpki, which refuses X.509 v1 certificates.
+            let identity = Arc::new(rustls::sign::CertifiedKey::new(chain, key));
+            builder.with_client_cert_resolver(Arc::new(Identity(identity)))
         }
         None => builder.with_no_client_auth(),
     };
@@ -453,6 +475,42 @@ async fn device_endpoint_is_advertised_and_survives_a_restart() {
     sandbox.shutdown().await.unwrap();
 
     let sandbox = Sandbox::start(config).await.unwrap();
+    assert_eq!(connect(&sandbox, &cert, &key).await, Seen::Answer(CONNACK.to_vec()));
+    sandbox.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn x509_v1_device_certificates_are_provisioned_and_connect() {
+    use x509_parser::prelude::{FromDer as _, X509Certificate, X509Version};
+
+    let sandbox = Sandbox::start(Config::default()).await.unwrap();
+    let iot = iot_client(&sandbox);
+    let ca = TestCa::new("openssl-style CA");
+    let config = RegistrationConfig::builder()
+        .template_body(JITP_TEMPLATE)
+        .role_arn(ROLE_ARN)
+        .build();
+    let ca_id = register_ca(&iot, &ca, Some(config)).await;
+    let (cert, key) = ca.sign_v1(&[(DnType::CountryName, "IT"), (DnType::CommonName, "dev-v1")]);
+    let der = pem::parse(&cert).unwrap().into_contents();
+    let (_, parsed) = X509Certificate::from_der(&der).unwrap();
+    assert_eq!(parsed.version(), X509Version::V1);
+
+    assert_eq!(connect(&sandbox, &cert, &key).await, Seen::Dropped);
+    let thing = iot.describe_thing().thing_name("dev-v1").send().await.unwrap();
+    assert_eq!(
+        thing.attributes().unwrap().get("country").map(String::as_str),
+        Some("IT")
+    );
+    let described = iot
+        .describe_certificate()
+        .certificate_id(cert_id(&cert))
+        .send()
+        .await
+        .unwrap();
+    let description = described.certificate_description().unwrap();
+    assert_eq!(description.status(), Some(&CertificateStatus::Active));
+    assert_eq!(description.ca_certificate_id(), Some(ca_id.as_str()));
     assert_eq!(connect(&sandbox, &cert, &key).await, Seen::Answer(CONNACK.to_vec()));
     sandbox.shutdown().await.unwrap();
 }

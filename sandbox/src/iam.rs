@@ -12,6 +12,7 @@
 //! Real IAM returns `AssumeRolePolicyDocument` URL-encoded; so does this.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
@@ -358,14 +359,18 @@ async fn read_params(req: Request<Incoming>) -> Result<Params, IamError> {
 
 /// Handles one IAM request.
 pub(crate) async fn handle(shared: &Shared, req: Request<Incoming>) -> Response<Body> {
-    let request_id = shared
-        .store
-        .write(|state| ids::uuid(shared.config.seed, "iam-request", state.take_id()));
+    static REQUESTS: AtomicU64 = AtomicU64::new(0);
+    let request_id = ids::uuid(
+        shared.config.seed,
+        "iam-request",
+        REQUESTS.fetch_add(1, Ordering::Relaxed),
+    );
     let params = match read_params(req).await {
         Ok(params) => params,
         Err(e) => return e.into_response(&request_id),
     };
     let action = params.get("Action").unwrap_or_default().to_owned();
+    *state::lock(&shared.iam_calls).entry(action.clone()).or_default() += 1;
     let response = match respond(shared, &action, &params).await {
         Ok(result) => success(&action, result.as_deref(), &request_id),
         Err(e) => {

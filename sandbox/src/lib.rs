@@ -294,7 +294,7 @@ impl ConfigError {
 /// How to run a sandbox.
 ///
 /// Every field parses from a command-line string with [`FromStr`]: `addr`
-/// as `127.0.0.1:4566`, `lines_per_second` as a number or `inf`,
+/// and `device_addr` as `127.0.0.1:4566`, `lines_per_second` as a number or `inf`,
 /// `report_format` with the syntax documented on [`ReportFormat`] and
 /// `faults` with the syntax documented on [`FaultPlan`].
 #[derive(Clone, Debug)]
@@ -355,6 +355,8 @@ pub(crate) struct Shared {
     pub(crate) device_addr: SocketAddr,
     pub(crate) device_server_name: String,
     pub(crate) device_stats: device::DeviceStats,
+    /// IAM calls received, by action, in this process.
+    pub(crate) iam_calls: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 /// A running sandbox. Dropping it stops the server without waiting; call
@@ -435,6 +437,7 @@ impl Sandbox {
             device_addr,
             device_server_name,
             device_stats: device::DeviceStats::default(),
+            iam_calls: Default::default(),
         });
         shared.store.persist().await?;
 
@@ -523,6 +526,7 @@ impl Sandbox {
     ///   "fail_after_cert_lines": [
     ///     {"task_id": "..", "line_index": 17, "thing_name": "dev-17", "certificate_id": ".."}
     ///   ],
+    ///   "iam_calls": {"GetRole": 1, "CreateRole": 1},
     ///   "device": {
     ///     "connections_accepted": {"<certificate id>": 2},
     ///     "connections_refused": {"jitp_provisioned": 1, "certificate_not_active": 1},
@@ -542,7 +546,8 @@ impl Sandbox {
     /// restarts. The rest counts this process only: `calls` every IoT call
     /// received by operation name (faulted ones included), `faults_injected`
     /// both planned and armed faults, `lines_processed` the task lines that
-    /// [`FaultPlan::exit_after_lines`] counts, and `device` the device
+    /// [`FaultPlan::exit_after_lines`] counts, `iam_calls` the IAM calls
+    /// by action (IAM is never faulted), and `device` the device
     /// endpoint: CONNACKs by certificate id, dropped connections by reason
     /// (`bad_certificate`, `certificate_not_active`, `certificate_expired`,
     /// `unknown_ca`, `ca_inactive`, `auto_registration_disabled`,

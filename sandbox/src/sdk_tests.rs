@@ -36,6 +36,7 @@ pub(crate) const JITP_TEMPLATE: &str = r#"{
 pub(crate) struct TestCa {
     pub pem: String,
     issuer: Issuer<'static, KeyPair>,
+    key_pem: String,
 }
 
 impl TestCa {
@@ -51,6 +52,7 @@ impl TestCa {
         let pem = params.self_signed(&key).unwrap().pem();
         TestCa {
             pem,
+            key_pem: key.serialize_pem(),
             issuer: Issuer::new(params, key),
         }
     }
@@ -67,6 +69,52 @@ impl TestCa {
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key)
+    }
+
+    /// An X.509 v1 certificate (no version field, no extensions), as
+    /// `openssl x509 -req` makes them: its PEM and the key.
+    pub fn sign_v1(&self, subject: &[(DnType, &str)]) -> (String, KeyPair) {
+        use x509_parser::prelude::{FromDer as _, X509Certificate};
+
+        fn der(tag: u8, content: &[u8]) -> Vec<u8> {
+            let mut out = vec![tag];
+            match content.len() {
+                n if n < 0x80 => out.push(n as u8),
+                n if n <= 0xff => out.extend([0x81, n as u8]),
+                n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+            }
+            out.extend_from_slice(content);
+            out
+        }
+
+        // The subject and key, from a throwaway certificate.
+        let (template, key) = self.sign(subject);
+        let template_der = pem::parse(&template).unwrap().into_contents();
+        let (_, template) = X509Certificate::from_der(&template_der).unwrap();
+        let ca_der = pem::parse(&self.pem).unwrap().into_contents();
+        let (_, ca) = X509Certificate::from_der(&ca_der).unwrap();
+        let ecdsa_sha256 = der(0x30, &der(0x06, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]));
+        let validity = [der(0x17, b"250101000000Z"), der(0x17, b"491231235959Z")].concat();
+        let tbs = der(
+            0x30,
+            &[
+                der(0x02, &[0x01, 0x23, 0x45, 0x67]),
+                ecdsa_sha256.clone(),
+                ca.subject().as_raw().to_vec(),
+                der(0x30, &validity),
+                template.subject().as_raw().to_vec(),
+                template.public_key().raw.to_vec(),
+            ]
+            .concat(),
+        );
+        let ca_key = KeyPair::from_pem(&self.key_pem).unwrap();
+        let signature = rcgen::SigningKey::sign(&ca_key, &tbs).unwrap();
+        let cert = der(
+            0x30,
+            &[tbs, ecdsa_sha256, der(0x03, &[&[0u8][..], &signature].concat())].concat(),
+        );
+        let pem = pem::encode(&pem::Pem::new("CERTIFICATE", cert));
+        (pem, key)
     }
 
     /// The verification certificate for a registration code.
@@ -220,6 +268,11 @@ async fn iam_roles_through_the_sdk() {
     iam.delete_role().role_name("second").send().await.unwrap();
     let deleted = iam.get_role().role_name("second").send().await.unwrap_err();
     assert_eq!(deleted.code(), Some("NoSuchEntity"));
+    let calls = &sandbox.stats()["iam_calls"];
+    assert_eq!(calls["CreateRole"], 4);
+    assert_eq!(calls["GetRole"], 3);
+    assert_eq!(calls["ListRoles"], 3);
+    assert_eq!(calls["DeleteRole"], 1);
     sandbox.shutdown().await.unwrap();
 
     // Roles are kept across a restart.
