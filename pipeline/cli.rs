@@ -307,6 +307,9 @@ pub enum SandboxCommand {
     Serve {
         #[arg(long, default_value = "127.0.0.1:4566")]
         addr: SocketAddr,
+        /// Device endpoint (TLS + MQTT, like AWS IoT's ATS endpoint); port 0 picks one.
+        #[arg(long, default_value = "127.0.0.1:8883")]
+        device_addr: SocketAddr,
         /// State directory (kept across restarts); default: a temporary one.
         #[arg(long)]
         state: Option<PathBuf>,
@@ -830,6 +833,7 @@ async fn sandbox_command(command: SandboxCommand) -> Result<i32> {
     match command {
         SandboxCommand::Serve {
             addr,
+            device_addr,
             state,
             lines_per_second,
             report_format,
@@ -838,6 +842,7 @@ async fn sandbox_command(command: SandboxCommand) -> Result<i32> {
         } => {
             let config = provline_sandbox::Config {
                 addr,
+                device_addr,
                 state_dir: state,
                 lines_per_second,
                 report_format: report_format
@@ -851,9 +856,15 @@ async fn sandbox_command(command: SandboxCommand) -> Result<i32> {
                 .await
                 .map_err(|e| Error::infra(format!("cannot start the sandbox: {e:#}")))?;
             println!("{}", sb.endpoint_url());
+            let ca_file = sb.state_dir().join("sandbox-ca.pem");
+            std::fs::write(&ca_file, sb.ca_certificate_pem())
+                .map_err(|e| Error::infra(format!("{}: {e}", ca_file.display())))?;
             eprintln!(
-                "sandbox listening on {url}\n  state: {state}\n  use: AWS_ACCESS_KEY_ID={ak} AWS_SECRET_ACCESS_KEY={sk} AWS_DEFAULT_REGION=us-east-1 aws --endpoint-url {url} iot list-things\n  stop with Ctrl-C",
+                "sandbox listening on {url}\n  device endpoint (TLS + MQTT): {device} (server name {name}, server CA {ca})\n  state: {state}\n  use: AWS_ACCESS_KEY_ID={ak} AWS_SECRET_ACCESS_KEY={sk} AWS_DEFAULT_REGION=us-east-1 aws --endpoint-url {url} iot list-things\n  stop with Ctrl-C",
                 url = sb.endpoint_url(),
+                device = sb.device_endpoint(),
+                name = sb.device_server_name(),
+                ca = ca_file.display(),
                 state = sb.state_dir().display(),
                 ak = provline_sandbox::ACCESS_KEY_ID,
                 sk = provline_sandbox::SECRET_ACCESS_KEY,

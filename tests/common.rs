@@ -124,7 +124,7 @@ impl Served {
     /// Starts it on `addr` (port 0 picks one) and reads the URL it prints first.
     pub fn start(state: &Path, addr: &str, extra: &[&str]) -> Served {
         let mut child = provline()
-            .args(["sandbox", "serve", "--addr", addr, "--state"])
+            .args(["sandbox", "serve", "--device-addr", "127.0.0.1:0", "--addr", addr, "--state"])
             .arg(state)
             .args(extra)
             .stdout(Stdio::piped())
@@ -149,4 +149,43 @@ impl Drop for Served {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Publishes one message with `mosquitto_pub` (a client we did not write)
+/// through a served sandbox's device endpoint, with a bundle's certificate and
+/// key; returns its output, or None when mosquitto_pub is not installed
+/// outside CI.
+pub fn mosquitto_pub(state: &Path, bundle: &Path) -> Option<String> {
+    if Command::new("mosquitto_pub").arg("--help").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "mosquitto_pub is required in CI");
+        eprintln!("mosquitto_pub not found: skipped");
+        return None;
+    }
+    let served = Served::start(state, "127.0.0.1:0", &[]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ep: serde_json::Value = rt.block_on(async {
+        reqwest::get(format!("{}/_sandbox/device-endpoint", served.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    });
+    let (host, port) = ep["address"].as_str().unwrap().rsplit_once(':').unwrap();
+    let out = Command::new("mosquitto_pub")
+        .args(["-h", host, "-p", port, "--cafile"])
+        .arg(state.join("sandbox-ca.pem"))
+        .arg("--cert")
+        .arg(bundle.join("certificate.pem.crt"))
+        .arg("--key")
+        .arg(bundle.join("private.pem.key"))
+        .args(["-t", "devices/test", "-m", "hello", "-q", "1", "-d"])
+        .output()
+        .unwrap();
+    drop(served);
+    Some(format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ))
 }

@@ -6,7 +6,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{csv_rows, has_openssl, provline, run, write, Ran};
+use crate::common::{csv_rows, has_openssl, mosquitto_pub, provline, run, write, Ran};
+
+/// One connection with mosquitto_pub must get CONNACK 0 and a PUBACK.
+fn mosquitto_connects(out: &Path, bundle: &Path) {
+    if let Some(o) = mosquitto_pub(&out.join(".sandbox"), bundle) {
+        assert!(o.contains("received CONNACK (0)"), "{o}");
+        assert!(o.contains("received PUBACK"), "{o}");
+    }
+}
 
 const DEVICES: usize = 100;
 
@@ -111,6 +119,7 @@ fn byoca_registers_a_hundred_own_certificates_in_one_bulk_task() {
     assert_eq!(status.code, 0, "{}", status.stderr);
     let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(s["certificates"]["ACTIVE"], DEVICES as u64, "{s}");
+    mosquitto_connects(&out, &b[0]);
 }
 
 #[test]
@@ -222,6 +231,7 @@ fn jitp_bundles_provision_themselves_at_first_connect() {
     // Each thing exists with the attribute the template took from the subject.
     let things = crate::own_ca::describe_thing(&out2, "JITP-000042");
     assert_eq!(things["attributes"]["serial"], "JITP-000042", "{things}");
+    mosquitto_connects(&out2, &b[41]);
 }
 
 #[test]
@@ -274,6 +284,7 @@ fn jitr_devices_wait_for_approve_which_activates_exactly_the_batch() {
     let r = run(provline().args(["approve", &batch, "--sandbox", "--yes", "--out"]).arg(&out));
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(r.stderr.contains("0 pending certificates of this batch"), "{}", r.stderr);
+    mosquitto_connects(&out, &b0(&batch_dir));
 }
 
 fn b0(batch_dir: &Path) -> PathBuf {
