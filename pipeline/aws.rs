@@ -18,6 +18,7 @@ pub struct Connection {
 pub struct Aws {
     pub iot: aws_sdk_iot::Client,
     pub s3: aws_sdk_s3::Client,
+    pub iam: aws_sdk_iam::Client,
     pub region: String,
     shared: aws_config::SdkConfig,
 }
@@ -58,6 +59,7 @@ impl Aws {
         Aws {
             iot: aws_sdk_iot::Client::new(&shared),
             s3: aws_sdk_s3::Client::from_conf(s3_conf),
+            iam: aws_sdk_iam::Client::new(&shared),
             region,
             shared,
         }

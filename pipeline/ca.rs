@@ -108,7 +108,10 @@ pub fn init(dir: &Path, opts: &InitOptions) -> Result<FactoryCa> {
                 "--country `{c}` must be a two-letter ISO 3166 code in capitals, such as DE"
             )));
         }
-        dn.push(DnType::CountryName, DnValue::PrintableString(c.as_str().try_into().map_err(|_| Error::config("country"))?));
+        dn.push(
+            DnType::CountryName,
+            DnValue::PrintableString(c.as_str().try_into().map_err(|_| Error::config("country"))?),
+        );
     }
     if let Some(o) = &opts.organization {
         dn.push(DnType::OrganizationName, o.as_str());
@@ -253,7 +256,10 @@ pub fn load(dir: &Path) -> Result<FactoryCa> {
     let cert_text = std::fs::read_to_string(&cert_path).map_err(|e| {
         cfg(
             &cert_path,
-            format!("{e}; make a CA with `provline ca init --dir {}` or bring one with `provline ca import`", dir.display()),
+            format!(
+                "{e}; make a CA with `provline ca init --dir {}` or bring one with `provline ca import`",
+                dir.display()
+            ),
         )
     })?;
     let key_text = std::fs::read_to_string(&key_path).map_err(|e| cfg(&key_path, e))?;
@@ -268,7 +274,10 @@ pub fn load(dir: &Path) -> Result<FactoryCa> {
     let kp = KeyPair::from_pem(&key_text).map_err(|e| cfg(&key_path, e))?;
     let held = KeyId::from_spki_der(&kp.subject_public_key_info()).map_err(|e| cfg(&key_path, e))?;
     if held != KeyId::from_spki(parsed.public_key()) {
-        return Err(cfg(&key_path, format!("the key does not belong to {}", cert_path.display())));
+        return Err(cfg(
+            &key_path,
+            format!("the key does not belong to {}", cert_path.display()),
+        ));
     }
     let chain_path = dir.join(CHAIN_FILE);
     let chain = match std::fs::read_to_string(&chain_path) {
@@ -404,7 +413,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = init(dir.path(), &opts()).unwrap();
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(dir.path().join(CA_KEY_FILE)).unwrap().permissions().mode();
+        let mode = std::fs::metadata(dir.path().join(CA_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o777, 0o600);
         let (_, c) = X509Certificate::from_der(&ca.cert_der).unwrap();
         let bc = c.basic_constraints().unwrap().unwrap().value.clone();
@@ -412,7 +424,10 @@ mod tests {
         assert_eq!(bc.path_len_constraint, Some(0));
         assert!(c.key_usage().unwrap().unwrap().value.key_cert_sign());
         assert_eq!(ca.subject, "C=DE, O=Acme, CN=Acme Line 3 CA");
-        assert!(init(dir.path(), &opts()).unwrap_err().to_string().contains("already holds a CA"));
+        assert!(init(dir.path(), &opts())
+            .unwrap_err()
+            .to_string()
+            .contains("already holds a CA"));
     }
 
     #[test]
@@ -439,7 +454,10 @@ mod tests {
             ("Organization".to_string(), false),
             ("StateName".to_string(), true),
         ];
-        assert_eq!(missing_subject_fields(&pem, &wanted).unwrap(), vec!["Organization".to_string()]);
+        assert_eq!(
+            missing_subject_fields(&pem, &wanted).unwrap(),
+            vec!["Organization".to_string()]
+        );
     }
 
     #[test]

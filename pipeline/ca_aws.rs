@@ -59,7 +59,10 @@ impl CaState {
 
 fn config_of(auto: &AutoRegistration) -> Option<RegistrationConfig> {
     match auto {
-        AutoRegistration::JitpBody { template_body, role_arn } => Some(
+        AutoRegistration::JitpBody {
+            template_body,
+            role_arn,
+        } => Some(
             RegistrationConfig::builder()
                 .template_body(template_body)
                 .role_arn(role_arn)
@@ -121,13 +124,10 @@ pub async fn register(aws: &Aws, ca: &FactoryCa, opts: &RegisterOptions) -> Resu
         if let Some(c) = config_of(&opts.auto) {
             req = req.registration_config(c);
         }
-        let out = req.send().await.map_err(|e| {
-            Error::infra(format!(
-                "RegisterCACertificate `{}`: {}",
-                ca.subject,
-                describe(&e)
-            ))
-        })?;
+        let out = req
+            .send()
+            .await
+            .map_err(|e| Error::infra(format!("RegisterCACertificate `{}`: {}", ca.subject, describe(&e))))?;
         tracing::info!(ca = out.certificate_id().unwrap_or_default(), "CA registered");
     }
     describe_ca(aws, &ca.id)

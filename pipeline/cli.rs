@@ -587,6 +587,7 @@ async fn run_command(args: RunArgs) -> Result<i32> {
                 &aws,
                 &prepared.template,
                 &prepared.settings.bucket,
+                &prepared.settings.role_arn,
                 &rows,
                 &prepared.settings.parameters,
             )
@@ -974,8 +975,12 @@ async fn ca_command(command: CaCommand) -> Result<i32> {
             let result = async {
                 aws.check_credentials().await?;
                 if args.aws.sandbox {
-                    sandbox_setup::prepare_account(&aws, sandbox_setup::SANDBOX_BUCKET, Some(sandbox_setup::SANDBOX_POLICY))
-                        .await?;
+                    sandbox_setup::prepare_account(
+                        &aws,
+                        sandbox_setup::SANDBOX_BUCKET,
+                        Some(sandbox_setup::SANDBOX_POLICY),
+                    )
+                    .await?;
                 }
                 crate::ca_aws::register(
                     &aws,
@@ -1000,7 +1005,11 @@ async fn ca_command(command: CaCommand) -> Result<i32> {
             println!("{}", serde_json::to_string_pretty(&state).expect("json"));
             Ok(exit::OK)
         }
-        CaCommand::Status { dir, out, aws: aws_args } => {
+        CaCommand::Status {
+            dir,
+            out,
+            aws: aws_args,
+        } => {
             let ca = crate::ca::load(&dir)?;
             let endpoint = Endpoint::open(&aws_args, &out).await?;
             let aws = Aws::connect(&endpoint.conn).await;
@@ -1120,7 +1129,11 @@ async fn verify_command(args: VerifyArgs) -> Result<i32> {
     }
     let ledger = Ledger::open(&ledger_path)?;
     if ledger.batch(&args.batch)?.is_none() {
-        return Err(Error::config(format!("no batch `{}` in {}", args.batch, ledger_path.display())));
+        return Err(Error::config(format!(
+            "no batch `{}` in {}",
+            args.batch,
+            ledger_path.display()
+        )));
     }
     let ws = Workspace::new(&args.out, &args.batch);
     let dirs: Vec<PathBuf> = ledger
@@ -1133,9 +1146,9 @@ async fn verify_command(args: VerifyArgs) -> Result<i32> {
         return Err(Error::config(format!("{} has no bundles to verify", args.batch)));
     }
     let server_roots_pem = match &args.server_ca {
-        Some(p) => Some(
-            std::fs::read_to_string(p).map_err(|e| Error::config(format!("cannot read {}: {e}", p.display())))?,
-        ),
+        Some(p) => {
+            Some(std::fs::read_to_string(p).map_err(|e| Error::config(format!("cannot read {}: {e}", p.display())))?)
+        }
         None => None,
     };
     let mut opts = crate::verify::Options {
@@ -1162,25 +1175,34 @@ async fn verify_command(args: VerifyArgs) -> Result<i32> {
         e.close().await;
     }
     let connected = results.iter().filter(|r| r.connected).count();
-    let after_drop = results
-        .iter()
-        .filter(|r| r.connected && r.attempts.len() > 1)
-        .count();
+    let after_drop = results.iter().filter(|r| r.connected && r.attempts.len() > 1).count();
     let mut err = std::io::stderr();
     let _ = writeln!(
         err,
         "{}: {connected} of {} bundles connected{}",
         args.batch,
         results.len(),
-        if after_drop > 0 { format!(" ({after_drop} after the endpoint dropped their first connection, as JITP/JITR do)") } else { String::new() }
+        if after_drop > 0 {
+            format!(" ({after_drop} after the endpoint dropped their first connection, as JITP/JITR do)")
+        } else {
+            String::new()
+        }
     );
     for r in results.iter().filter(|r| !r.connected).take(10) {
         let _ = writeln!(err, "  {}: {:?}", r.thing_name, r.attempts.last());
     }
     let doc = serde_json::json!({"batch": args.batch, "connected": connected, "devices": results});
     let path = ws.dir().join("verify.json");
-    crate::workspace::write_durable(&path, serde_json::to_string_pretty(&doc).expect("json").as_bytes(), 0o644)
-        .map_err(|e| Error::infra(format!("{}: {e}", path.display())))?;
+    crate::workspace::write_durable(
+        &path,
+        serde_json::to_string_pretty(&doc).expect("json").as_bytes(),
+        0o644,
+    )
+    .map_err(|e| Error::infra(format!("{}: {e}", path.display())))?;
     println!("{}", path.display());
-    Ok(if connected == results.len() { exit::OK } else { exit::PARTIAL })
+    Ok(if connected == results.len() {
+        exit::OK
+    } else {
+        exit::PARTIAL
+    })
 }

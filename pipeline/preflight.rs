@@ -102,16 +102,96 @@ fn names_used(template: &Template, rows: &[Row<'_>], mapping: &BTreeMap<String, 
     Ok(used)
 }
 
+/// Whether a role trust policy lets AWS IoT assume the role: an Allow
+/// statement for `sts:AssumeRole` with the service principal
+/// `iot.amazonaws.com`.
+pub fn trusts_iot(document: &str) -> std::result::Result<bool, String> {
+    let decoded = percent_encoding::percent_decode_str(document)
+        .decode_utf8()
+        .map_err(|e| format!("the trust policy is not UTF-8: {e}"))?;
+    let v: Value = serde_json::from_str(&decoded).map_err(|e| format!("the trust policy is not JSON: {e}"))?;
+    let as_list = |v: &Value| -> Vec<String> {
+        match v {
+            Value::String(s) => vec![s.clone()],
+            Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+            _ => Vec::new(),
+        }
+    };
+    let statements = match &v["Statement"] {
+        Value::Array(a) => a.clone(),
+        Value::Object(_) => vec![v["Statement"].clone()],
+        _ => Vec::new(),
+    };
+    Ok(statements.iter().any(|st| {
+        st["Effect"] == "Allow"
+            && as_list(&st["Action"])
+                .iter()
+                .any(|a| a == "sts:AssumeRole" || a == "sts:*" || a == "*")
+            && as_list(&st["Principal"]["Service"])
+                .iter()
+                .any(|s| s == "iot.amazonaws.com")
+    }))
+}
+
+/// The role the task runs under: it must exist and trust AWS IoT. When IAM
+/// cannot be read with these credentials, that is said and the check skipped.
+async fn check_role(aws: &Aws, role_arn: &str, problems: &mut Problems) {
+    let Some(name) = role_arn.split(":role/").nth(1).and_then(|p| p.rsplit('/').next()) else {
+        problems.push(Problem::new(format!(
+            "`{role_arn}` is not an IAM role ARN (arn:aws:iam::ACCOUNT:role/NAME)"
+        )));
+        return;
+    };
+    match aws.iam.get_role().role_name(name).send().await {
+        Ok(out) => {
+            let doc = out.role().and_then(|r| r.assume_role_policy_document()).unwrap_or("");
+            match trusts_iot(doc) {
+                Ok(true) => {}
+                Ok(false) => problems.push(Problem::new(format!(
+                    "role `{name}` does not trust AWS IoT: its trust policy needs an Allow statement for sts:AssumeRole with the service principal iot.amazonaws.com, or the task cannot start"
+                ))),
+                Err(e) => problems.push(Problem::new(format!("role `{name}`: {e}"))),
+            }
+        }
+        Err(e) => {
+            let text = describe_iam(&e);
+            if text.contains("NoSuchEntity") {
+                problems.push(Problem::new(format!(
+                    "role `{name}` ({role_arn}) does not exist; create a role that trusts iot.amazonaws.com and may read the bucket, or name another with --role-arn"
+                )));
+            } else {
+                tracing::warn!(role = %role_arn, "cannot read the role from IAM ({text}); its trust policy is not checked");
+            }
+        }
+    }
+}
+
+fn describe_iam<E, R>(err: &aws_sdk_iam::error::SdkError<E, R>) -> String
+where
+    E: aws_smithy_types::error::metadata::ProvideErrorMetadata + std::error::Error + 'static,
+    R: std::fmt::Debug,
+{
+    match err {
+        aws_sdk_iam::error::SdkError::ServiceError(se) => format!(
+            "{}: {}",
+            se.err().code().unwrap_or("error"),
+            se.err().message().unwrap_or("no message")
+        ),
+        other => format!("{}", aws_smithy_types::error::display::DisplayErrorContext(other)),
+    }
+}
+
 /// Runs every check and reports every problem at once.
-// TODO(iam): the role is not checked (exists, trusts iot.amazonaws.com, can read the bucket): provline has no IAM client and the sandbox no IAM.
 pub async fn check(
     aws: &Aws,
     template: &Template,
     bucket: &str,
+    role_arn: &str,
     rows: &[Row<'_>],
     mapping: &BTreeMap<String, String>,
 ) -> Result<()> {
     let mut problems = Problems::default();
+    check_role(aws, role_arn, &mut problems).await;
     match aws.s3.head_bucket().bucket(bucket).send().await {
         Ok(_) => {
             if let Ok(loc) = aws.s3.get_bucket_location().bucket(bucket).send().await {
@@ -259,4 +339,23 @@ async fn existing_things(aws: &Aws, rows: &[Row<'_>], problems: &mut Problems) -
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trust_policy_must_name_iot_as_service() {
+        let iot = r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":["lambda.amazonaws.com","iot.amazonaws.com"]},"Action":"sts:AssumeRole"}]}"#;
+        assert_eq!(trusts_iot(iot), Ok(true));
+        let encoded = percent_encoding::utf8_percent_encode(iot, percent_encoding::NON_ALPHANUMERIC).to_string();
+        assert_eq!(trusts_iot(&encoded), Ok(true), "IAM returns the document URL-encoded");
+        let lambda = r#"{"Statement":{"Effect":"Allow","Principal":{"Service":"lambda.amazonaws.com"},"Action":"sts:AssumeRole"}}"#;
+        assert_eq!(trusts_iot(lambda), Ok(false));
+        let denied =
+            r#"{"Statement":{"Effect":"Deny","Principal":{"Service":"iot.amazonaws.com"},"Action":"sts:AssumeRole"}}"#;
+        assert_eq!(trusts_iot(denied), Ok(false));
+        assert!(trusts_iot("{").is_err());
+    }
 }

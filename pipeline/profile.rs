@@ -215,7 +215,11 @@ fn fill(text: &str, value_of: impl Fn(&str) -> Option<String>) -> std::result::R
         let name = rest[open + 1..close].trim();
         match value_of(name) {
             Some(v) => out.push_str(&v),
-            None => return Err(format!("`{text}` names `{name}`, which is neither `thing_name` nor a column of this row")),
+            None => {
+                return Err(format!(
+                    "`{text}` names `{name}`, which is neither `thing_name` nor a column of this row"
+                ))
+            }
         }
         rest = &rest[close + 1..];
     }
@@ -523,7 +527,10 @@ impl Profile {
             let mut rest = text.as_str();
             while let Some(open) = rest.find('{') {
                 let Some(close) = rest[open..].find('}').map(|c| c + open) else {
-                    bad(&mut problems, format!("[certificate.subject] {attr} = `{text}`: `{{` is never closed"));
+                    bad(
+                        &mut problems,
+                        format!("[certificate.subject] {attr} = `{text}`: `{{` is never closed"),
+                    );
                     break;
                 };
                 let name = rest[open + 1..close].trim();
@@ -535,7 +542,8 @@ impl Profile {
                 }
                 rest = &rest[close + 1..];
             }
-            if attr == "C" && !text.contains('{') && (text.len() != 2 || !text.chars().all(|c| c.is_ascii_uppercase())) {
+            if attr == "C" && !text.contains('{') && (text.len() != 2 || !text.chars().all(|c| c.is_ascii_uppercase()))
+            {
                 bad(
                     &mut problems,
                     format!("[certificate.subject] C = `{text}` must be a two-letter ISO 3166 country code in capitals, such as \"DE\""),

@@ -342,10 +342,12 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
         run_id: format!("{:016x}", rand::random::<u64>()),
         skipped: ingested.skipped.0.iter().map(|p| p.to_string()).collect(),
         mode: opts.mode,
-        ca_dir: opts
-            .ca_dir
-            .as_ref()
-            .map(|d| std::path::absolute(d).unwrap_or_else(|_| d.clone()).display().to_string()),
+        ca_dir: opts.ca_dir.as_ref().map(|d| {
+            std::path::absolute(d)
+                .unwrap_or_else(|_| d.clone())
+                .display()
+                .to_string()
+        }),
         ca_id: ca.as_ref().map(|c| c.id.clone()),
         ca_chain_pem: ca.as_ref().map(|c| c.chain_pem()),
         certificate: profile.certificate.clone(),
@@ -356,7 +358,12 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
         let mut problems = Problems::default();
         for d in &ingested.devices {
             if let Err(e) = profile.certificate.subject_for(&d.thing_name, &d.values) {
-                problems.push(Problem::new(format!("certificate subject: {e}")).file(d.file.to_string()).line(d.line).device(d.thing_name.clone()));
+                problems.push(
+                    Problem::new(format!("certificate subject: {e}"))
+                        .file(d.file.to_string())
+                        .line(d.line)
+                        .device(d.thing_name.clone()),
+                );
             }
         }
         problems.into_result()?;
@@ -1149,7 +1156,11 @@ async fn bundle_stage(
             endpoint,
             batch: &ws.batch,
             // A JITP/JITR device presents its CA at first connect.
-            chain_pem: if s.mode.registers() { None } else { s.ca_chain_pem.as_deref() },
+            chain_pem: if s.mode.registers() {
+                None
+            } else {
+                s.ca_chain_pem.as_deref()
+            },
             mode: s.mode.as_str(),
         };
         match write_bundle(ws, &input) {

@@ -37,6 +37,20 @@ pub async fn prepare_account(aws: &Aws, bucket: &str, policy: Option<&str>) -> R
             ))
         })?;
     }
+    let role = "provline-sandbox-registration";
+    if aws.iam.get_role().role_name(role).send().await.is_err() {
+        let trust = serde_json::json!({
+            "Version": "2012-10-17",
+            "Statement": [{"Effect": "Allow", "Principal": {"Service": "iot.amazonaws.com"}, "Action": "sts:AssumeRole"}]
+        });
+        aws.iam
+            .create_role()
+            .role_name(role)
+            .assume_role_policy_document(trust.to_string())
+            .send()
+            .await
+            .map_err(|e| Error::infra(format!("creating the sandbox role {role}: {e}")))?;
+    }
     if let Some(policy) = policy {
         if aws.iot.get_policy().policy_name(policy).send().await.is_err() {
             let doc = serde_json::json!({

@@ -191,4 +191,48 @@ mod tests {
         assert!(v["CSR"].as_str().unwrap().contains('\n'));
         assert!(!line.contains('\n'), "one physical line");
     }
+
+    #[test]
+    fn profile_parameters_map_a_template_parameter_to_any_column() {
+        let body = r#"{"Parameters": {"ThingName": {"Type": "String"}, "Location": {"Type": "String"}, "CSR": {"Type": "String"}},
+          "Resources": {"thing": {"Type": "AWS::IoT::Thing", "Properties": {"ThingName": {"Ref": "ThingName"},
+            "AttributePayload": {"where": {"Ref": "Location"}}}, "OverrideSettings": {"AttributePayload": "MERGE"}},
+            "certificate": {"Type": "AWS::IoT::Certificate", "Properties": {"CertificateSigningRequest": {"Ref": "CSR"}, "Status": "ACTIVE"}}}}"#;
+        let t = Template::check("t", body).unwrap();
+        let d = StoredDevice {
+            serial: "SN1".into(),
+            thing_name: "SN1".into(),
+            values: [("site".to_string(), "MUC".to_string())].into_iter().collect(),
+            device_csr: None,
+        };
+        let mapping: BTreeMap<String, String> = [("Location".to_string(), "site".to_string())].into_iter().collect();
+        let cred = Credential {
+            csr_pem: "x",
+            certificate_pem: None,
+            ca_pem: None,
+        };
+        let v: serde_json::Value = serde_json::from_str(&registration_line(&t, &d, &cred, &mapping).unwrap()).unwrap();
+        assert_eq!(v["Location"], "MUC");
+        assert_eq!(
+            t.attribute_columns(&mapping),
+            ["site".to_string()].into_iter().collect()
+        );
+        let unfilled = t.unfilled_parameters(
+            &["site".to_string()].into_iter().collect(),
+            &Default::default(),
+            &BTreeMap::new(),
+        );
+        assert_eq!(
+            unfilled,
+            vec!["Location".to_string()],
+            "without the mapping nothing fills it"
+        );
+        assert!(t
+            .unfilled_parameters(
+                &["site".to_string()].into_iter().collect(),
+                &Default::default(),
+                &mapping
+            )
+            .is_empty());
+    }
 }

@@ -412,7 +412,10 @@ impl Template {
 
     /// Columns whose values become attributes, by the parameter mapping.
     pub fn attribute_columns(&self, mapping: &BTreeMap<String, String>) -> BTreeSet<String> {
-        self.attribute_params.values().map(|p| self.column_of(p, mapping)).collect()
+        self.attribute_params
+            .values()
+            .map(|p| self.column_of(p, mapping))
+            .collect()
     }
 
     /// Parameters that no column, default or generated value will fill.
@@ -451,10 +454,7 @@ impl Template {
 
     /// The column a parameter reads: the profile's `[parameters]` entry, else by name.
     pub fn column_of(&self, param: &str, mapping: &BTreeMap<String, String>) -> String {
-        mapping
-            .get(param)
-            .cloned()
-            .unwrap_or_else(|| column_for_param(param))
+        mapping.get(param).cloned().unwrap_or_else(|| column_for_param(param))
     }
 }
 

@@ -65,7 +65,10 @@ struct DeviceJson {
 
 /// Tries one bundle up to `opts.attempts` times, stopping at the first CONNACK.
 pub async fn verify_bundle(dir: &Path, opts: &Options) -> DeviceResult {
-    let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let mut attempts = Vec::new();
     let config = match load(dir, opts) {
         Ok(c) => c,
@@ -177,11 +180,7 @@ async fn connect_once(
     let mut stream = match connector.connect(server_name, tcp).await {
         Ok(s) => s,
         Err(e) if is_closed(&e) => return Attempt::Dropped,
-        Err(e) => {
-            return Attempt::Tls {
-                message: e.to_string(),
-            }
-        }
+        Err(e) => return Attempt::Tls { message: e.to_string() },
     };
     if let Err(e) = stream.write_all(&connect_packet(client_id, 30)).await {
         return if is_closed(&e) {

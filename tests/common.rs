@@ -124,7 +124,15 @@ impl Served {
     /// Starts it on `addr` (port 0 picks one) and reads the URL it prints first.
     pub fn start(state: &Path, addr: &str, extra: &[&str]) -> Served {
         let mut child = provline()
-            .args(["sandbox", "serve", "--device-addr", "127.0.0.1:0", "--addr", addr, "--state"])
+            .args([
+                "sandbox",
+                "serve",
+                "--device-addr",
+                "127.0.0.1:0",
+                "--addr",
+                addr,
+                "--state",
+            ])
             .arg(state)
             .args(extra)
             .stdout(Stdio::piped())

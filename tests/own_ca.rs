@@ -20,10 +20,14 @@ const DEVICES: usize = 100;
 
 fn ca_init(dir: &Path) -> PathBuf {
     let ca = dir.join("ca");
-    let r = run(provline()
-        .args(["ca", "init", "--dir"])
-        .arg(&ca)
-        .args(["--common-name", "Line 3 CA", "--organization", "Acme", "--country", "DE"]));
+    let r = run(provline().args(["ca", "init", "--dir"]).arg(&ca).args([
+        "--common-name",
+        "Line 3 CA",
+        "--organization",
+        "Acme",
+        "--country",
+        "DE",
+    ]));
     assert_eq!(r.code, 0, "{}", r.stderr);
     ca
 }
@@ -40,7 +44,11 @@ fn ca_register(ca: &Path, out: &Path, extra: &[&str]) -> serde_json::Value {
 }
 
 fn run_mode(dir: &Path, out: &Path, ca: &Path, mode: &str, extra: &[&str]) -> (Ran, PathBuf) {
-    let csv = write(dir, "batch.csv", &csv_rows(&format!("{}-", mode.to_uppercase()), DEVICES));
+    let csv = write(
+        dir,
+        "batch.csv",
+        &csv_rows(&format!("{}-", mode.to_uppercase()), DEVICES),
+    );
     let r = run(provline()
         .args(["run", "--sandbox", "--mode", mode, "--ca"])
         .arg(ca)
@@ -115,7 +123,11 @@ fn byoca_registers_a_hundred_own_certificates_in_one_bulk_task() {
     assert!(info.subject.starts_with("CN=BYOCA-000001"), "{}", info.subject);
     openssl_verify_all(&ca, &batch_dir);
     // AWS holds them under the CA: ListCertificatesByCA sees all of them active.
-    let status = run(provline().args(["ca", "status", "--sandbox", "--dir"]).arg(&ca).arg("--out").arg(&out));
+    let status = run(provline()
+        .args(["ca", "status", "--sandbox", "--dir"])
+        .arg(&ca)
+        .arg("--out")
+        .arg(&out));
     assert_eq!(status.code, 0, "{}", status.stderr);
     let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(s["certificates"]["ACTIVE"], DEVICES as u64, "{s}");
@@ -139,7 +151,11 @@ fn own_ca_modes_refuse_an_unregistered_ca_before_signing_anything() {
     assert!(r.stderr.contains("auto-registration off"), "{}", r.stderr);
     // Mode without CA, CA without mode.
     let csv = write(dir.path(), "b.csv", &csv_rows("X-", 2));
-    let r = run(provline().args(["run", "--sandbox", "--mode", "byoca"]).arg(&csv).arg("--out").arg(&out));
+    let r = run(provline()
+        .args(["run", "--sandbox", "--mode", "byoca"])
+        .arg(&csv)
+        .arg("--out")
+        .arg(&out));
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("give --ca DIR"), "{}", r.stderr);
 }
@@ -169,7 +185,11 @@ fn jitp_template(dir: &Path, with_country: bool) -> PathBuf {
             "policy": {"Type": "AWS::IoT::Policy", "Properties": {"PolicyName": "provline-sandbox-device"}}
         }
     });
-    write(dir, if with_country { "jitp-c.json" } else { "jitp.json" }, &t.to_string())
+    write(
+        dir,
+        if with_country { "jitp-c.json" } else { "jitp.json" },
+        &t.to_string(),
+    )
 }
 
 fn verify(out: &Path, batch: &str) -> (Ran, serde_json::Value) {
@@ -209,7 +229,11 @@ fn jitp_bundles_provision_themselves_at_first_connect() {
     let (r, batch_dir) = run_mode(dir.path(), &out2, &ca, "jitp", &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
     let rep = report(&batch_dir);
-    assert_eq!(rep["task_ids"].as_array().unwrap().len(), 0, "JITP registers nothing up front");
+    assert_eq!(
+        rep["task_ids"].as_array().unwrap().len(),
+        0,
+        "JITP registers nothing up front"
+    );
     let b = bundles(&batch_dir);
     assert_eq!(b.len(), DEVICES);
     let pem = std::fs::read_to_string(b[0].join("certificate.pem.crt")).unwrap();
@@ -225,7 +249,11 @@ fn jitp_bundles_provision_themselves_at_first_connect() {
         assert_eq!(a[0]["result"], "dropped", "first connect provisions and drops: {d}");
         assert_eq!(a[1]["result"], "connected", "{d}");
     }
-    let status = run(provline().args(["ca", "status", "--sandbox", "--dir"]).arg(&ca).arg("--out").arg(&out2));
+    let status = run(provline()
+        .args(["ca", "status", "--sandbox", "--dir"])
+        .arg(&ca)
+        .arg("--out")
+        .arg(&out2));
     let s: serde_json::Value = serde_json::from_str(&status.stdout).unwrap();
     assert_eq!(s["certificates"]["ACTIVE"], DEVICES as u64, "{s}");
     // Each thing exists with the attribute the template took from the subject.
@@ -266,14 +294,19 @@ fn jitr_devices_wait_for_approve_which_activates_exactly_the_batch() {
     assert!(r.stderr.contains("pass --yes"), "{}", r.stderr);
     assert!(r.stderr.contains("WARNING: 1 pending certificate"), "{}", r.stderr);
 
-    let r = run(provline().args(["approve", &batch, "--sandbox", "--yes", "--out"]).arg(&out));
+    let r = run(provline()
+        .args(["approve", &batch, "--sandbox", "--yes", "--out"])
+        .arg(&out));
     assert_eq!(r.code, 0, "{}", r.stderr);
     let doc: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
     assert_eq!(doc["activated"].as_array().unwrap().len(), DEVICES);
     assert_eq!(doc["strangers"].as_array().unwrap().len(), 1);
     let s = ca_status(&ca, &out);
     assert_eq!(s["certificates"]["ACTIVE"], DEVICES as u64, "{s}");
-    assert_eq!(s["certificates"]["PENDING_ACTIVATION"], 1, "the stranger stays pending: {s}");
+    assert_eq!(
+        s["certificates"]["PENDING_ACTIVATION"], 1,
+        "the stranger stays pending: {s}"
+    );
     let t = describe_thing(&out, "JITR-000007");
     assert_eq!(t["attributes"]["model"], "TH-100", "{t}");
 
@@ -281,9 +314,15 @@ fn jitr_devices_wait_for_approve_which_activates_exactly_the_batch() {
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert_eq!(doc["connected"], DEVICES as u64);
     // A second approve finds nothing left to do.
-    let r = run(provline().args(["approve", &batch, "--sandbox", "--yes", "--out"]).arg(&out));
+    let r = run(provline()
+        .args(["approve", &batch, "--sandbox", "--yes", "--out"])
+        .arg(&out));
     assert_eq!(r.code, 0, "{}", r.stderr);
-    assert!(r.stderr.contains("0 pending certificates of this batch"), "{}", r.stderr);
+    assert!(
+        r.stderr.contains("0 pending certificates of this batch"),
+        "{}",
+        r.stderr
+    );
     mosquitto_connects(&out, &b0(&batch_dir));
 }
 
@@ -292,7 +331,11 @@ fn b0(batch_dir: &Path) -> PathBuf {
 }
 
 fn ca_status(ca: &Path, out: &Path) -> serde_json::Value {
-    let status = run(provline().args(["ca", "status", "--sandbox", "--dir"]).arg(ca).arg("--out").arg(out));
+    let status = run(provline()
+        .args(["ca", "status", "--sandbox", "--dir"])
+        .arg(ca)
+        .arg("--out")
+        .arg(out));
     assert_eq!(status.code, 0, "{}", status.stderr);
     serde_json::from_str(&status.stdout).unwrap()
 }

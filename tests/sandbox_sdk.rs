@@ -295,3 +295,59 @@ fn preflight_catches_a_missing_thing_type_before_upload() {
     let ledger = provline::ledger::Ledger::open(&out.join("ledger.sqlite")).unwrap();
     assert!(ledger.batches().unwrap().is_empty());
 }
+
+#[test]
+fn preflight_refuses_a_missing_role_and_one_that_does_not_trust_iot() {
+    let tmp = tempfile::tempdir().unwrap();
+    let input = write(tmp.path(), "r.csv", &crate::common::csv_rows("ROLE-", 5));
+    let out = tmp.path().join("out");
+    let ran = run(provline()
+        .args([
+            "run",
+            "--sandbox",
+            "--role-arn",
+            "arn:aws:iam::123456789012:role/nobody",
+            "--out",
+        ])
+        .arg(&out)
+        .arg(&input));
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(
+        ran.stderr.contains("role `nobody`") && ran.stderr.contains("does not exist"),
+        "{}",
+        ran.stderr
+    );
+    // A role that trusts Lambda, not IoT.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let (sb, aws) = sandbox(provline_sandbox::Config {
+            state_dir: Some(out.join(".sandbox")),
+            ..Default::default()
+        })
+        .await;
+        aws.iam
+            .create_role()
+            .role_name("lambda-only")
+            .assume_role_policy_document(
+                r#"{"Version":"2012-10-17","Statement":[{"Effect":"Allow","Principal":{"Service":"lambda.amazonaws.com"},"Action":"sts:AssumeRole"}]}"#,
+            )
+            .send()
+            .await
+            .unwrap();
+        sb.shutdown().await.unwrap();
+    });
+    let ran = run(provline()
+        .args([
+            "run",
+            "--sandbox",
+            "--role-arn",
+            "arn:aws:iam::123456789012:role/lambda-only",
+            "--out",
+        ])
+        .arg(&out)
+        .arg(&input));
+    assert_eq!(ran.code, 2, "{}", ran.stderr);
+    assert!(ran.stderr.contains("does not trust AWS IoT"), "{}", ran.stderr);
+    let ledger = provline::ledger::Ledger::open(&out.join("ledger.sqlite")).unwrap();
+    assert!(ledger.batches().unwrap().is_empty(), "nothing recorded, nothing sent");
+}
