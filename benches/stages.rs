@@ -2,6 +2,8 @@
 //! the same run so that the ratio means something on a noisy machine.
 //!
 //! `cargo bench --bench stages`; criterion prints elements/s per benchmark.
+//! `cargo bench --profile dev --bench stages` reuses the test build (every
+//! crate at opt-level 2) instead of a 16-minute release build.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -114,6 +116,53 @@ fn bench_keygen(c: &mut Criterion) {
     g.finish();
 }
 
+fn bench_own_ca_signing(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 2_000;
+    let (devs, _) = devices(n, dir.path());
+    let ca = provline::ca::init(
+        &dir.path().join("ca"),
+        &provline::ca::InitOptions {
+            key_type: KeyType::EcP256,
+            common_name: "bench CA".into(),
+            organization: None,
+            country: None,
+            validity_days: 3650,
+        },
+    )
+    .unwrap();
+    let spec = provline::profile::CertificateSpec::default();
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.path().join("ca/ca.pem.key")).unwrap()).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca.cert_pem, ca_key).unwrap();
+    let mut g = c.benchmark_group("own-ca-ec-p256");
+    g.sample_size(10).throughput(Throughput::Elements(n as u64));
+    g.bench_function("primitive: rcgen key + CA signature + PEMs in a rayon loop", |b| {
+        b.iter(|| {
+            (0..n)
+                .into_par_iter()
+                .map(|i| {
+                    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+                    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+                    params
+                        .distinguished_name
+                        .push(rcgen::DnType::CommonName, format!("BN{i:08}"));
+                    let cert = params.signed_by(&key, &issuer).unwrap();
+                    cert.pem().len() + key.serialize_pem().len()
+                })
+                .sum::<usize>()
+        })
+    });
+    g.bench_function("stage: generate_all with the factory CA", |b| {
+        let signer = provline::keygen::Signer { ca: &ca, spec: &spec };
+        b.iter_batched(
+            || (),
+            |_| generate_all(&devs, KeyType::EcP256, Some(&signer)).len(),
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
 fn bench_reconcile(c: &mut Criterion) {
     use provline::reconcile::{reconcile, StagedDevice};
     let n = 2_000;
@@ -167,5 +216,11 @@ fn bench_reconcile(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench_ingest, bench_keygen, bench_reconcile);
+criterion_group!(
+    benches,
+    bench_ingest,
+    bench_keygen,
+    bench_own_ca_signing,
+    bench_reconcile
+);
 criterion_main!(benches);

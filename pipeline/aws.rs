@@ -80,7 +80,7 @@ impl Aws {
     }
 }
 
-const NO_CREDENTIALS: &str = "no AWS credentials found: set AWS_PROFILE or --profile, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or use --sandbox to run against the embedded sandbox";
+const NO_CREDENTIALS: &str = "no AWS credentials found: set AWS_PROFILE or --aws-profile, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or use --sandbox to run against the embedded sandbox";
 
 /// A readable text for an SDK error: its code and message, never the raw request.
 pub fn describe<E, R>(err: &aws_sdk_iot::error::SdkError<E, R>) -> String

@@ -485,4 +485,52 @@ mod tests {
         .unwrap();
         assert_eq!(ok.id, load(a.path()).unwrap().id);
     }
+
+    #[test]
+    fn import_takes_an_intermediate_with_its_chain_and_refuses_a_wrong_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mk = |cn: &str, issuer: Option<&Issuer<'_, KeyPair>>| {
+            let key = KeyType::EcP256.generate().unwrap();
+            let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+            p.distinguished_name.push(DnType::CommonName, cn);
+            p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let cert = match issuer {
+                Some(i) => p.signed_by(&key, i).unwrap(),
+                None => p.self_signed(&key).unwrap(),
+            };
+            (cert.pem(), key)
+        };
+        let (root_pem, root_key) = mk("Corp Root", None);
+        let root = Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
+        let (int_pem, int_key) = mk("Corp Line CA", Some(&root));
+        let (other_pem, _) = mk("Someone Else", None);
+        let w = |n: &str, t: &str| {
+            let p = tmp.path().join(n);
+            std::fs::write(&p, t).unwrap();
+            p
+        };
+        let (ic, ik, rc, oc) = (
+            w("int.crt", &int_pem),
+            w("int.key", &int_key.serialize_pem()),
+            w("root.crt", &root_pem),
+            w("other.crt", &other_pem),
+        );
+        let err = import(&tmp.path().join("bad"), &ic, &ik, Some(&oc))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("did not sign"), "{err}");
+        let ca = import(&tmp.path().join("good"), &ic, &ik, Some(&rc)).unwrap();
+        assert_eq!(ca.chain.len(), 1);
+        assert_eq!(ca.chain_pem().matches("BEGIN CERTIFICATE").count(), 2);
+        assert_eq!(ca.subject, "CN=Corp Line CA");
+        let device = KeyType::EcP256.generate().unwrap();
+        let pem = ca
+            .sign_device(&device, &[(DnType::CommonName, "SN-9".into())], 10)
+            .unwrap();
+        assert!(crate::crypto::parse_certificate_pem(&pem)
+            .unwrap()
+            .issuer
+            .contains("Corp Line CA"));
+    }
 }

@@ -458,13 +458,17 @@ fn print_summary(s: &run::Summary) {
     } else {
         let _ = writeln!(
             err,
-            "{}: {} devices, {} registered, {} failed, {} bundled (task {})",
+            "{}: {} devices, {} registered, {} failed, {} bundled ({})",
             s.batch,
             s.devices,
             s.registered,
             s.failed,
             s.bundled,
-            s.task_ids.join(", ")
+            if s.task_ids.is_empty() {
+                "no bulk task: the devices register at first connect".to_string()
+            } else {
+                format!("task {}", s.task_ids.join(", "))
+            }
         );
         if !s.stage_seconds.is_empty() {
             let stages: Vec<String> = run::STAGES
@@ -566,7 +570,8 @@ async fn run_command(args: RunArgs) -> Result<i32> {
         }
         if fresh {
             run::check_conflicts(&ledger, &prepared)?;
-            run::check_ca_for_mode(&aws, &prepared.settings).await?;
+            let wanted = run::check_ca_for_mode(&aws, &prepared.settings).await?;
+            run::check_subjects(&prepared, &wanted)?;
         }
         if fresh && registers && !args.no_preflight {
             let rows: Vec<crate::preflight::Row<'_>> = prepared

@@ -306,6 +306,10 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
             template_columns: &template_columns,
         },
     )?;
+    if ingested.devices.is_empty() && !ingested.skipped.is_empty() {
+        // --skip-invalid, and no row was valid: say why each was skipped.
+        return Err(Error::Input(ingested.skipped));
+    }
     let mut columns = BTreeSet::new();
     for d in &ingested.devices {
         columns.extend(d.values.keys().cloned());
@@ -382,6 +386,8 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
         h.push_str(settings.mode.as_str());
         h.push('\n');
         h.push_str(settings.ca_id.as_deref().unwrap_or(""));
+        h.push('\n');
+        h.push_str(&serde_json::to_string(&settings.certificate).expect("json"));
         h.push('\n');
     }
     h.push_str(&settings.template_body);
@@ -704,6 +710,40 @@ fn keygen_stage(
         ledger.mark_keyed(&ws.batch, &unmarked)?;
     }
     Ok(keys)
+}
+
+/// JITP: before a batch is recorded, every device's subject (from the
+/// profile) must have each field the CA's template reads without a Default.
+pub fn check_subjects(p: &Prepared, wanted: &[(String, bool)]) -> Result<()> {
+    let mut problems = Problems::default();
+    for d in &p.devices {
+        let Ok(subject) = p.settings.certificate.subject_for(&d.thing_name, &d.values) else {
+            continue; // reported by prepare
+        };
+        let missing: Vec<&str> = wanted
+            .iter()
+            .filter(|(field, has_default)| {
+                !has_default
+                    && !subject
+                        .iter()
+                        .any(|(ty, _)| crate::profile::subject_attribute(subject_key_for(field)).as_ref() == Some(ty))
+            })
+            .map(|(f, _)| f.as_str())
+            .collect();
+        if !missing.is_empty() {
+            problems.push(
+                Problem::new(format!(
+                    "the CA's JITP template reads {} from the certificate subject without a Default, and this device's certificate would have no such field; add {} to [certificate.subject] in the profile (or a Default to the template)",
+                    missing.iter().map(|m| format!("AWS::IoT::Certificate::{m}")).collect::<Vec<_>>().join(", "),
+                    missing.iter().map(|m| subject_key_for(m)).collect::<Vec<_>>().join(", ")
+                ))
+                .file(d.file.to_string())
+                .line(d.line)
+                .device(d.thing_name.clone()),
+            );
+        }
+    }
+    problems.into_result()
 }
 
 /// The profile's subject attribute for a JITP certificate parameter.

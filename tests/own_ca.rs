@@ -219,12 +219,15 @@ fn jitp_bundles_provision_themselves_at_first_connect() {
     assert!(r.stderr.contains("add C to [certificate.subject]"), "{}", r.stderr);
     assert!(r.stderr.contains("batch.csv:2"), "names the row: {}", r.stderr);
     assert!(!batch_dir.join("bundles").join("JITP-000001").exists());
+    let ledger = provline::ledger::Ledger::open(&out.join("ledger.sqlite")).unwrap();
+    assert!(ledger.batches().unwrap().is_empty(), "a refused batch is not recorded");
+    drop(ledger);
 
     // The same CA with a template that reads only what the subject has.
     let t = jitp_template(dir.path(), false);
     let state = ca_register(&ca, &out, &["--jitp-template", t.to_str().unwrap()]);
     assert_eq!(state["auto_registration"], "ENABLE");
-    // The same batch again: it was refused before its keys were kept, so it starts over.
+    // The refusal recorded nothing, so this run starts the batch afresh.
     let out2 = out.clone();
     let (r, batch_dir) = run_mode(dir.path(), &out2, &ca, "jitp", &[]);
     assert_eq!(r.code, 0, "{}", r.stderr);
