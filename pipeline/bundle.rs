@@ -2,6 +2,7 @@
 //! station, and the batch manifest of SHA-256 checksums.
 
 use std::fs;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -83,11 +84,23 @@ struct DeviceJson<'a> {
     certificate_chain: bool,
 }
 
-/// Writes one bundle into a temporary directory and renames it into place;
-/// returns the files written with their SHA-256. Nothing is synced here:
-/// [`sync_bundles`] makes a whole set durable at once. The certificate is checked against
-/// the device's key first: a mismatch is an error, never a bundle.
-pub fn write_bundle(ws: &Workspace, b: &BundleInput<'_>) -> Result<Vec<(PathBuf, String)>, String> {
+/// How a batch's bundles are written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BundleFormat {
+    /// One directory per device under `bundles/`, written chunk by chunk.
+    #[default]
+    Dir,
+    /// One `bundles.tar` per batch with the same layout inside, written once
+    /// with one fsync when every device has its outcome.
+    Tar,
+}
+
+pub const ARCHIVE_FILE: &str = "bundles.tar";
+
+/// A bundle's files, name -> (bytes, mode), after the certificate is checked
+/// against the device's key (a mismatch is an error, never a bundle).
+pub fn bundle_files(b: &BundleInput<'_>) -> Result<Vec<(&'static str, Vec<u8>, u32)>, String> {
     let cert = crate::crypto::parse_certificate_pem(b.certificate_pem)?;
     if &cert.key != b.key {
         return Err(format!(
@@ -113,14 +126,6 @@ pub fn write_bundle(ws: &Workspace, b: &BundleInput<'_>) -> Result<Vec<(PathBuf,
         }
     }
     let (ca1, ca3) = amazon_roots()?;
-    let dir = ws.bundle_dir(b.thing_name);
-    let tmp = ws
-        .bundles()
-        .join(format!(".tmp-{}", crate::workspace::safe_component(b.thing_name)));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
-    }
-    fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let device = DeviceJson {
         thing_name: b.thing_name,
         client_id: b.thing_name,
@@ -156,6 +161,22 @@ pub fn write_bundle(ws: &Workspace, b: &BundleInput<'_>) -> Result<Vec<(PathBuf,
         }
         files.push((KEY_FILE, k.into_bytes(), 0o600));
     }
+    Ok(files)
+}
+
+/// Writes one bundle into a temporary directory and renames it into place;
+/// returns the files written with their SHA-256. Nothing is synced here:
+/// [`sync_bundles`] makes a whole set durable at once.
+pub fn write_bundle(ws: &Workspace, b: &BundleInput<'_>) -> Result<Vec<(PathBuf, String)>, String> {
+    let files = bundle_files(b)?;
+    let dir = ws.bundle_dir(b.thing_name);
+    let tmp = ws
+        .bundles()
+        .join(format!(".tmp-{}", crate::workspace::safe_component(b.thing_name)));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    }
+    fs::create_dir_all(&tmp).map_err(|e| format!("{}: {e}", tmp.display()))?;
     let mut written = Vec::new();
     for (name, bytes, mode) in &files {
         write_unsynced(&tmp.join(name), bytes, *mode).map_err(|e| format!("{}: {e}", tmp.join(name).display()))?;
@@ -181,8 +202,89 @@ pub fn sync_bundles(ws: &Workspace) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Every file under the batch's bundles, with its SHA-256, relative to the batch directory.
+/// Writes the batch's archive: every bundle under `bundles/<thing>/`, into
+/// a temporary file that is synced once and renamed into place. Returns the
+/// manifest entries (path inside the archive, SHA-256, size).
+pub struct ArchiveWriter {
+    builder: tar::Builder<std::io::BufWriter<fs::File>>,
+    tmp: PathBuf,
+    dest: PathBuf,
+    entries: Vec<(String, String, u64)>,
+    mtime: u64,
+}
+
+impl ArchiveWriter {
+    pub fn create(ws: &Workspace) -> std::io::Result<ArchiveWriter> {
+        let dest = ws.dir().join(ARCHIVE_FILE);
+        let tmp = ws.dir().join(format!(".{ARCHIVE_FILE}.tmp"));
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        let mtime = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        Ok(ArchiveWriter {
+            builder: tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, f)),
+            tmp,
+            dest,
+            entries: Vec::new(),
+            mtime,
+        })
+    }
+
+    /// Appends one device's bundle (checked by [`bundle_files`]).
+    pub fn append(&mut self, b: &BundleInput<'_>) -> Result<(), String> {
+        let files = bundle_files(b)?;
+        let dir = format!("bundles/{}", crate::workspace::safe_component(b.thing_name));
+        for (name, bytes, mode) in files {
+            let path = format!("{dir}/{name}");
+            let mut h = tar::Header::new_gnu();
+            h.set_size(bytes.len() as u64);
+            h.set_mode(mode);
+            h.set_mtime(self.mtime);
+            h.set_entry_type(tar::EntryType::Regular);
+            self.builder
+                .append_data(&mut h, &path, bytes.as_slice())
+                .map_err(|e| format!("{}: {e}", self.tmp.display()))?;
+            self.entries.push((path, sha256_hex(&bytes), bytes.len() as u64));
+        }
+        Ok(())
+    }
+
+    /// Finishes the archive, syncs it once and renames it into place.
+    pub fn finish(self) -> std::io::Result<Vec<(String, String, u64)>> {
+        let w = self.builder.into_inner()?;
+        let f = w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&self.tmp, &self.dest)?;
+        if let Some(parent) = self.dest.parent() {
+            fs::File::open(parent)?.sync_all()?;
+        }
+        Ok(self.entries)
+    }
+}
+
+/// Every file of the batch's bundles, with its SHA-256, relative to the
+/// batch directory (inside `bundles.tar` for the archive format).
 pub fn manifest_entries(ws: &Workspace) -> std::io::Result<Vec<(String, String, u64)>> {
+    let archive = ws.dir().join(ARCHIVE_FILE);
+    if archive.exists() {
+        let mut out = Vec::new();
+        let mut a = tar::Archive::new(std::io::BufReader::new(fs::File::open(&archive)?));
+        for e in a.entries()? {
+            let mut e = e?;
+            let path = e.path()?.to_string_lossy().into_owned();
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(&mut e, &mut bytes)?;
+            out.push((path, sha256_hex(&bytes), bytes.len() as u64));
+        }
+        return Ok(out);
+    }
     let mut out = Vec::new();
     let root = ws.dir();
     let mut dirs: Vec<PathBuf> = fs::read_dir(ws.bundles())?

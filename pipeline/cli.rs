@@ -155,6 +155,9 @@ pub struct RunArgs {
     /// The factory CA directory (from `provline ca init` or `ca import`), for byoca, jitp and jitr.
     #[arg(long, value_name = "DIR")]
     pub ca: Option<PathBuf>,
+    /// Bundles as one directory per device, or one bundles.tar per batch (written once, one fsync).
+    #[arg(long, value_enum, default_value_t = crate::bundle::BundleFormat::Dir)]
+    pub bundle_format: crate::bundle::BundleFormat,
     #[command(flatten)]
     pub aws: AwsArgs,
 }
@@ -515,6 +518,7 @@ async fn run_command(args: RunArgs) -> Result<i32> {
         max_retries: args.max_retries,
         mode: args.mode,
         ca_dir: args.ca.clone(),
+        bundle_format: args.bundle_format,
     };
     let started = std::time::Instant::now();
     let prepared = run::prepare(&opts, sandbox)?;

@@ -81,6 +81,7 @@ pub struct RunOptions {
     pub mode: Mode,
     /// The factory CA's directory, for the own-CA modes.
     pub ca_dir: Option<PathBuf>,
+    pub bundle_format: crate::bundle::BundleFormat,
 }
 
 /// The part of a run that defines the batch, kept in the ledger so that
@@ -124,6 +125,8 @@ pub struct Settings {
     /// The profile's `[parameters]`: template parameter -> column.
     #[serde(default)]
     pub parameters: BTreeMap<String, String>,
+    #[serde(default)]
+    pub bundle_format: crate::bundle::BundleFormat,
 }
 
 fn default_chunk_size() -> usize {
@@ -356,6 +359,7 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
         ca_chain_pem: ca.as_ref().map(|c| c.chain_pem()),
         certificate: profile.certificate.clone(),
         parameters: profile.parameters.clone(),
+        bundle_format: opts.bundle_format,
     };
     if let Some(ca) = &ca {
         // Every subject must be makeable before anything is signed.
@@ -852,6 +856,9 @@ pub async fn continue_batch(
         bundle_stage(ledger, ws, s, aws, &keys, &mut endpoint, &mut t).await?;
     }
     bundle_stage(ledger, ws, s, aws, &keys, &mut endpoint, &mut t).await?;
+    if s.bundle_format == crate::bundle::BundleFormat::Tar {
+        archive_stage(ledger, ws, s, aws, &keys, &mut endpoint, &mut t).await?;
+    }
 
     let started = Instant::now();
     let task_ids: Vec<String> = ledger
@@ -1161,6 +1168,9 @@ async fn bundle_stage(
     endpoint: &mut Option<String>,
     t: &mut Timings,
 ) -> Result<()> {
+    if s.bundle_format == crate::bundle::BundleFormat::Tar {
+        return Ok(()); // one archive at the end: archive_stage
+    }
     let rows = ledger.devices(&ws.batch)?;
     let to_bundle: Vec<&DeviceRow> = rows.iter().filter(|r| r.state == state::REGISTERED).collect();
     if to_bundle.is_empty() {
@@ -1221,6 +1231,92 @@ async fn bundle_stage(
         }
     }
     crate::bundle::sync_bundles(ws).map_err(|e| Error::infra(format!("syncing {}: {e}", ws.bundles().display())))?;
+    crate::failpoint::hit("bundled");
+    ledger.set_state(&ws.batch, &done, state::BUNDLED, None)?;
+    ledger.record_outcomes(&ws.batch, &failures)?;
+    t.add("bundle", started);
+    Ok(())
+}
+
+/// The archive format: once every device has its outcome, all registered
+/// devices go into one `bundles.tar`, synced once, before the ledger says
+/// "bundled". A crash before that leaves them registered, and the next pass
+/// writes the archive again from the start.
+async fn archive_stage(
+    ledger: &mut Ledger,
+    ws: &Workspace,
+    s: &Settings,
+    aws: &Aws,
+    keys: &HashMap<String, Keyed>,
+    endpoint: &mut Option<String>,
+    t: &mut Timings,
+) -> Result<()> {
+    let rows = ledger.devices(&ws.batch)?;
+    let to_bundle: Vec<&DeviceRow> = rows.iter().filter(|r| r.state == state::REGISTERED).collect();
+    if to_bundle.is_empty() {
+        return Ok(());
+    }
+    if rows.iter().any(|r| r.state == state::BUNDLED) {
+        return Err(Error::infra(format!(
+            "{}: some devices are in {} already and others are not; the archive is written once per batch",
+            ws.batch,
+            crate::bundle::ARCHIVE_FILE
+        )));
+    }
+    let started = Instant::now();
+    if endpoint.is_none() {
+        *endpoint = Some(crate::sandbox_setup::data_endpoint(aws).await?);
+    }
+    let endpoint = endpoint.as_deref().expect("set above");
+    let io = |e: std::io::Error| Error::infra(format!("{}: {e}", ws.dir().join(crate::bundle::ARCHIVE_FILE).display()));
+    let mut archive = crate::bundle::ArchiveWriter::create(ws).map_err(io)?;
+    let mut done = Vec::new();
+    let mut failures = Vec::new();
+    for r in to_bundle {
+        let k = &keys[&r.thing_name];
+        let (Some(cert_id), Some(cert_pem)) = (&r.certificate_id, &r.certificate_pem) else {
+            failures.push(outcome(
+                &r.thing_name,
+                Verdict::Failed {
+                    class: "bundle".into(),
+                    message: "registered, but the ledger holds no certificate".into(),
+                },
+            ));
+            continue;
+        };
+        let input = BundleInput {
+            thing_name: &r.thing_name,
+            serial: &r.serial,
+            certificate_pem: cert_pem,
+            certificate_id: cert_id,
+            key_pem: k.key_pem.as_ref().map(|s| s.0.as_str()),
+            key: &k.key,
+            key_type: &k.key_type,
+            endpoint,
+            batch: &ws.batch,
+            chain_pem: if s.mode.registers() {
+                None
+            } else {
+                s.ca_chain_pem.as_deref()
+            },
+            mode: s.mode.as_str(),
+        };
+        match archive.append(&input) {
+            Ok(()) => done.push(r.thing_name.clone()),
+            Err(e) => {
+                tracing::error!(thing = %r.thing_name, "{e}");
+                failures.push(outcome(
+                    &r.thing_name,
+                    Verdict::Failed {
+                        class: "bundle".into(),
+                        message: e,
+                    },
+                ));
+            }
+        }
+    }
+    crate::failpoint::hit("bundle");
+    archive.finish().map_err(io)?;
     crate::failpoint::hit("bundled");
     ledger.set_state(&ws.batch, &done, state::BUNDLED, None)?;
     ledger.record_outcomes(&ws.batch, &failures)?;
@@ -1354,11 +1450,14 @@ pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &T
     write_durable(&results, &csv_bytes, 0o644).map_err(|e| io(&results, e))?;
 
     let entries = manifest_entries(ws).map_err(|e| io(&ws.bundles(), e))?;
-    let manifest = serde_json::json!({
+    let mut manifest = serde_json::json!({
         "batch": ws.batch,
         "algorithm": "sha256",
         "files": entries.iter().map(|(p, h, n)| serde_json::json!({"path": p, "sha256": h, "bytes": n})).collect::<Vec<_>>(),
     });
+    if ws.dir().join(crate::bundle::ARCHIVE_FILE).exists() {
+        manifest["archive"] = crate::bundle::ARCHIVE_FILE.into();
+    }
     let mpath = ws.dir().join("manifest.json");
     write_durable(
         &mpath,

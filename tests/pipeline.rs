@@ -398,3 +398,93 @@ fn a_batch_larger_than_a_chunk_registers_chunk_after_chunk() {
     assert_eq!(reg.tasks, 4);
     assert!(reg.principals.values().all(|p| p.len() == 1));
 }
+
+#[test]
+fn the_archive_format_writes_one_tar_that_gnu_tar_reads_and_the_manifest_checks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let ran = run(provline()
+        .args([
+            "run",
+            "--sandbox",
+            "--bundle-format",
+            "tar",
+            "--chunk-size",
+            "80",
+            "--out",
+        ])
+        .arg(&out)
+        .arg(fixture("batch-200.csv")));
+    assert_eq!(ran.code, 0, "{}", ran.stderr);
+    let dir = batch_dir(&ran.stdout);
+    let archive = dir.join("bundles.tar");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&archive).unwrap().permissions().mode() & 0o777,
+        0o600,
+        "the archive holds private keys"
+    );
+    let device_dirs = std::fs::read_dir(dir.join("bundles"))
+        .map(|d| d.filter(|e| e.as_ref().unwrap().path().is_dir()).count())
+        .unwrap_or(0);
+    assert_eq!(device_dirs, 0, "no per-device directories in the archive format");
+    // GNU tar, not our code, reads it back.
+    let x = tmp.path().join("x");
+    std::fs::create_dir_all(&x).unwrap();
+    let st = Command::new("tar")
+        .arg("-xf")
+        .arg(&archive)
+        .arg("-C")
+        .arg(&x)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["archive"], "bundles.tar");
+    let files = manifest["files"].as_array().unwrap();
+    assert_eq!(files.len(), 200 * 5, "five files per device");
+    for f in files {
+        let bytes = std::fs::read(x.join(f["path"].as_str().unwrap())).unwrap();
+        assert_eq!(hex::encode(Sha256::digest(&bytes)), f["sha256"].as_str().unwrap());
+    }
+    validate_schema("manifest.schema.json", &dir.join("manifest.json"));
+    // The extracted bundle is a real one: certificate and key belong together.
+    let b = x.join("bundles/TH100-000123");
+    let cert = std::fs::read_to_string(b.join("certificate.pem.crt")).unwrap();
+    let key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(b.join("private.pem.key")).unwrap()).unwrap();
+    let info = provline::crypto::parse_certificate_pem(&cert).unwrap();
+    assert_eq!(
+        info.key,
+        provline::crypto::KeyId::from_spki_der(&key.subject_public_key_info()).unwrap()
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("report.json")).unwrap()).unwrap();
+    assert_eq!(report["bundled"], 200);
+    assert_eq!(report["attempts"].as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn a_crash_while_the_archive_is_written_is_finished_by_resume() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    for point in ["bundle", "bundled"] {
+        let ran = run(provline()
+            .env("PROVLINE_FAILPOINT", format!("{point}:1"))
+            .args(["run", "--sandbox", "--bundle-format", "tar", "--out"])
+            .arg(&out)
+            .arg(fixture("batch-200.csv")));
+        assert_ne!(ran.code, 0, "the failpoint aborts the run");
+        let ran = run(provline().args(["resume", "--sandbox", "--out"]).arg(&out));
+        assert_eq!(ran.code, 0, "{}", ran.stderr);
+        let dir = batch_dir(&ran.stdout);
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("manifest.json")).unwrap()).unwrap();
+        assert_eq!(
+            manifest["files"].as_array().unwrap().len(),
+            1000,
+            "after a crash at {point}"
+        );
+        assert!(!dir.join(".bundles.tar.tmp").exists());
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
