@@ -163,6 +163,257 @@ fn bench_own_ca_signing(c: &mut Criterion) {
     g.finish();
 }
 
+/// Signed bundles for `n` devices: (thing, serial, key PEM, key id, certificate PEM, id).
+type Material = Vec<(String, String, String, provline::crypto::KeyId, String, String)>;
+
+fn bundle_material(n: usize, dir: &std::path::Path) -> Material {
+    let (devs, _) = devices(n, dir);
+    let ca = provline::ca::init(
+        &dir.join("bundle-ca"),
+        &provline::ca::InitOptions {
+            key_type: KeyType::EcP256,
+            common_name: "bench CA".into(),
+            organization: None,
+            country: None,
+            validity_days: 3650,
+        },
+    )
+    .unwrap();
+    let spec = provline::profile::CertificateSpec::default();
+    let signer = provline::keygen::Signer { ca: &ca, spec: &spec };
+    devs.iter()
+        .zip(generate_all(&devs, KeyType::EcP256, Some(&signer)))
+        .map(|(d, k)| {
+            let k = k.unwrap();
+            let cert = k.certificate_pem.unwrap();
+            let id = provline::crypto::parse_certificate_pem(&cert).unwrap().id;
+            (
+                d.thing_name.clone(),
+                d.serial.clone(),
+                k.key_pem.unwrap().0,
+                k.key,
+                cert,
+                id,
+            )
+        })
+        .collect()
+}
+
+fn input<'a>(
+    m: &'a (String, String, String, provline::crypto::KeyId, String, String),
+) -> provline::bundle::BundleInput<'a> {
+    provline::bundle::BundleInput {
+        thing_name: &m.0,
+        serial: &m.1,
+        certificate_pem: &m.4,
+        certificate_id: &m.5,
+        key_pem: Some(&m.2),
+        key: &m.3,
+        key_type: "ec-p256",
+        endpoint: "example-ats.iot.eu-west-1.amazonaws.com",
+        batch: "batch-000000000000",
+        chain_pem: None,
+        mode: "aws-csr",
+    }
+}
+
+fn bench_bundle(c: &mut Criterion) {
+    use provline::bundle::{bundle_files, sync_bundles, write_bundle, ArchiveWriter};
+    let dir = tempfile::tempdir().unwrap();
+    let n = 2_000;
+    let material = bundle_material(n, dir.path());
+    let files: Vec<Vec<(&'static str, Vec<u8>, u32)>> =
+        material.iter().map(|m| bundle_files(&input(m)).unwrap()).collect();
+    let bytes: u64 = files.iter().flatten().map(|f| f.1.len() as u64).sum();
+    let mut round = 0;
+    let mut g = c.benchmark_group("bundle");
+    g.sample_size(10).throughput(Throughput::Elements(n as u64));
+    g.bench_function("primitive: plain writes of the same files, one syncfs", |b| {
+        b.iter(|| {
+            round += 1;
+            let root = dir.path().join(format!("plain-{round}"));
+            for (m, fs_) in material.iter().zip(&files) {
+                let d = root.join(&m.0);
+                std::fs::create_dir_all(&d).unwrap();
+                for (name, data, _) in fs_ {
+                    std::fs::write(d.join(name), data).unwrap();
+                }
+            }
+            let f = std::fs::File::open(&root).unwrap();
+            f.sync_all().unwrap();
+            unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) };
+        })
+    });
+    g.bench_function(
+        "stage: directory per device (checked, tmp + rename, rayon), one syncfs",
+        |b| {
+            b.iter(|| {
+                round += 1;
+                let ws =
+                    provline::workspace::Workspace::new(&dir.path().join(format!("dir-{round}")), "batch-000000000000");
+                ws.create().unwrap();
+                material.par_iter().for_each(|m| {
+                    write_bundle(&ws, &input(m)).unwrap();
+                });
+                sync_bundles(&ws).unwrap();
+            })
+        },
+    );
+    g.bench_function("primitive: one file of the same bytes, one fsync", |b| {
+        b.iter(|| {
+            round += 1;
+            let p = dir.path().join(format!("one-{round}.bin"));
+            let mut w = std::io::BufWriter::new(std::fs::File::create(&p).unwrap());
+            for fs_ in &files {
+                for (_, data, _) in fs_ {
+                    std::io::Write::write_all(&mut w, data).unwrap();
+                }
+            }
+            w.into_inner().unwrap().sync_all().unwrap();
+        })
+    });
+    g.bench_function("stage: one tar archive (checked), one fsync", |b| {
+        b.iter(|| {
+            round += 1;
+            let ws =
+                provline::workspace::Workspace::new(&dir.path().join(format!("tar-{round}")), "batch-000000000000");
+            ws.create().unwrap();
+            let mut a = ArchiveWriter::create(&ws).unwrap();
+            let inputs: Vec<_> = material.iter().map(input).collect();
+            assert!(a.append_all(&inputs).iter().all(|r| r.is_ok()));
+            a.finish().unwrap();
+        })
+    });
+    g.finish();
+    eprintln!("bundle: {n} devices, {bytes} bytes of bundle files");
+}
+
+fn bench_stage(c: &mut Criterion) {
+    use provline::stage::{registration_line, Credential, StoredDevice};
+    let dir = tempfile::tempdir().unwrap();
+    let n = 10_000;
+    let (devs, _) = devices(n, dir.path());
+    let keys = generate_all(&devs[..1], KeyType::EcP256, None);
+    let csr = keys[0].as_ref().unwrap().csr_pem.clone();
+    let body = provline::template::builtin("p");
+    let t = provline::template::Template::check("built-in", &body).unwrap();
+    let stored: Vec<StoredDevice> = devs
+        .iter()
+        .map(|d| StoredDevice {
+            serial: d.serial.clone(),
+            thing_name: d.thing_name.clone(),
+            values: d.values.clone(),
+            device_csr: None,
+        })
+        .collect();
+    let mapping = Default::default();
+    let cred = Credential {
+        csr_pem: &csr,
+        certificate_pem: None,
+        ca_pem: None,
+    };
+    let bytes: usize = stored
+        .iter()
+        .map(|d| registration_line(&t, d, &cred, &mapping).unwrap().len() + 1)
+        .sum();
+    for (label, tp) in [
+        ("lines", Throughput::Elements(n as u64)),
+        ("bytes", Throughput::Bytes(bytes as u64)),
+    ] {
+        let mut g = c.benchmark_group(format!("stage-{label}"));
+        g.sample_size(10).throughput(tp);
+        g.bench_function("primitive: serde_json of the same fields", |b| {
+            b.iter(|| {
+                let mut buf = Vec::with_capacity(bytes);
+                for d in &stored {
+                    let mut m = serde_json::Map::new();
+                    m.insert("ThingName".into(), d.thing_name.clone().into());
+                    for (k, v) in &d.values {
+                        m.insert(k.clone(), v.clone().into());
+                    }
+                    m.insert("CSR".into(), csr.clone().into());
+                    serde_json::to_writer(&mut buf, &m).unwrap();
+                    buf.push(b'\n');
+                }
+                buf.len()
+            })
+        });
+        g.bench_function("stage: registration_line with every limit checked", |b| {
+            b.iter(|| {
+                let mut buf = Vec::with_capacity(bytes);
+                for d in &stored {
+                    buf.extend_from_slice(registration_line(&t, d, &cred, &mapping).unwrap().as_bytes());
+                    buf.push(b'\n');
+                }
+                buf.len()
+            })
+        });
+        g.finish();
+    }
+}
+
+/// A whole batch through the built binary and the embedded sandbox (ingest,
+/// keygen, stage, register, reconcile, bundle, report), beside the keygen
+/// primitive for as many devices.
+fn bench_end_to_end(c: &mut Criterion) {
+    let dir = tempfile::tempdir().unwrap();
+    let n = 1_000;
+    let input = dir.path().join("e2e.csv");
+    std::fs::write(&input, csv(n)).unwrap();
+    let bin = std::path::PathBuf::from(env!("CARGO_BIN_EXE_provline"));
+    let mut g = c.benchmark_group("end-to-end");
+    g.sample_size(10).throughput(Throughput::Elements(n as u64));
+    g.bench_function("primitive: rcgen key + CSR + PEMs in a rayon loop", |b| {
+        b.iter(|| {
+            (0..n)
+                .into_par_iter()
+                .map(|_| {
+                    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+                    let params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+                    params.serialize_request(&key).unwrap().pem().unwrap().len()
+                })
+                .sum::<usize>()
+        })
+    });
+    if !bin.exists() {
+        eprintln!(
+            "end-to-end: {} is not built (cargo build first); skipped",
+            bin.display()
+        );
+        g.finish();
+        return;
+    }
+    let mut round = 0;
+    for format in ["dir", "tar"] {
+        g.bench_function(format!("stage: provline run --sandbox, {format} bundles"), |b| {
+            b.iter(|| {
+                round += 1;
+                let out = dir.path().join(format!("out-{round}"));
+                let st = std::process::Command::new(&bin)
+                    .args([
+                        "--log",
+                        "error",
+                        "run",
+                        "--sandbox",
+                        "--sandbox-lines-per-second",
+                        "0",
+                        "--bundle-format",
+                        format,
+                        "--out",
+                    ])
+                    .arg(&out)
+                    .arg(&input)
+                    .stdout(std::process::Stdio::null())
+                    .status()
+                    .unwrap();
+                assert!(st.success());
+                std::fs::remove_dir_all(&out).unwrap();
+            })
+        });
+    }
+    g.finish();
+}
+
 fn bench_reconcile(c: &mut Criterion) {
     use provline::reconcile::{reconcile, StagedDevice};
     let n = 2_000;
@@ -221,6 +472,9 @@ criterion_group!(
     bench_ingest,
     bench_keygen,
     bench_own_ca_signing,
-    bench_reconcile
+    bench_stage,
+    bench_bundle,
+    bench_reconcile,
+    bench_end_to_end
 );
 criterion_main!(benches);

@@ -239,7 +239,26 @@ impl ArchiveWriter {
     /// Appends one device's bundle (checked by [`bundle_files`]).
     pub fn append(&mut self, b: &BundleInput<'_>) -> Result<(), String> {
         let files = bundle_files(b)?;
-        let dir = format!("bundles/{}", crate::workspace::safe_component(b.thing_name));
+        self.append_files(b.thing_name, files)
+    }
+
+    /// Appends many bundles: checked and formatted in parallel, a slice at a
+    /// time, and written in order. One result per input.
+    pub fn append_all(&mut self, inputs: &[BundleInput<'_>]) -> Vec<Result<(), String>> {
+        use rayon::prelude::*;
+        let mut out = Vec::with_capacity(inputs.len());
+        for slice in inputs.chunks(4096) {
+            let made: Vec<_> = slice.par_iter().map(bundle_files).collect();
+            for (input, files) in slice.iter().zip(made) {
+                out.push(files.and_then(|f| self.append_files(input.thing_name, f)));
+            }
+        }
+        out
+    }
+
+    /// Appends the files [`bundle_files`] made for a device.
+    pub fn append_files(&mut self, thing_name: &str, files: Vec<(&'static str, Vec<u8>, u32)>) -> Result<(), String> {
+        let dir = format!("bundles/{}", crate::workspace::safe_component(thing_name));
         for (name, bytes, mode) in files {
             let path = format!("{dir}/{name}");
             let mut h = tar::Header::new_gnu();

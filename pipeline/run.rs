@@ -6,6 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use rayon::prelude::*;
+
 use crate::aws::{describe, Aws};
 use crate::bundle::{manifest_entries, write_bundle, BundleInput};
 use crate::crypto::{csr_key_id, sha256_hex, KeyId};
@@ -1181,9 +1183,52 @@ async fn bundle_stage(
         *endpoint = Some(crate::sandbox_setup::data_endpoint(aws).await?);
     }
     let endpoint = endpoint.as_deref().expect("set above");
+    let (inputs, mut failures) = bundle_inputs(&to_bundle, keys, s, ws, endpoint);
+    // Checking each certificate against its key is CPU work: in parallel.
+    let written: Vec<std::result::Result<(), String>> = inputs
+        .par_iter()
+        .map(|input| {
+            write_bundle(ws, input).map(|_| {
+                crate::failpoint::hit("bundle");
+            })
+        })
+        .collect();
     let mut done = Vec::new();
+    for (input, w) in inputs.iter().zip(written) {
+        match w {
+            Ok(()) => done.push(input.thing_name.to_string()),
+            Err(e) => {
+                tracing::error!(thing = %input.thing_name, "{e}");
+                failures.push(outcome(
+                    input.thing_name,
+                    Verdict::Failed {
+                        class: "bundle".into(),
+                        message: e,
+                    },
+                ));
+            }
+        }
+    }
+    crate::bundle::sync_bundles(ws).map_err(|e| Error::infra(format!("syncing {}: {e}", ws.bundles().display())))?;
+    crate::failpoint::hit("bundled");
+    ledger.set_state(&ws.batch, &done, state::BUNDLED, None)?;
+    ledger.record_outcomes(&ws.batch, &failures)?;
+    t.add("bundle", started);
+    Ok(())
+}
+
+/// What each registered device's bundle is made of; devices the ledger
+/// holds no certificate for are failures.
+fn bundle_inputs<'a>(
+    rows: &[&'a DeviceRow],
+    keys: &'a HashMap<String, Keyed>,
+    s: &'a Settings,
+    ws: &'a Workspace,
+    endpoint: &'a str,
+) -> (Vec<BundleInput<'a>>, Vec<Outcome>) {
+    let mut inputs = Vec::new();
     let mut failures = Vec::new();
-    for r in to_bundle {
+    for r in rows {
         let k = &keys[&r.thing_name];
         let (Some(cert_id), Some(cert_pem)) = (&r.certificate_id, &r.certificate_pem) else {
             failures.push(outcome(
@@ -1195,7 +1240,7 @@ async fn bundle_stage(
             ));
             continue;
         };
-        let input = BundleInput {
+        inputs.push(BundleInput {
             thing_name: &r.thing_name,
             serial: &r.serial,
             certificate_pem: cert_pem,
@@ -1212,30 +1257,9 @@ async fn bundle_stage(
                 s.ca_chain_pem.as_deref()
             },
             mode: s.mode.as_str(),
-        };
-        match write_bundle(ws, &input) {
-            Ok(_) => {
-                crate::failpoint::hit("bundle");
-                done.push(r.thing_name.clone())
-            }
-            Err(e) => {
-                tracing::error!(thing = %r.thing_name, "{e}");
-                failures.push(outcome(
-                    &r.thing_name,
-                    Verdict::Failed {
-                        class: "bundle".into(),
-                        message: e,
-                    },
-                ));
-            }
-        }
+        });
     }
-    crate::bundle::sync_bundles(ws).map_err(|e| Error::infra(format!("syncing {}: {e}", ws.bundles().display())))?;
-    crate::failpoint::hit("bundled");
-    ledger.set_state(&ws.batch, &done, state::BUNDLED, None)?;
-    ledger.record_outcomes(&ws.batch, &failures)?;
-    t.add("bundle", started);
-    Ok(())
+    (inputs, failures)
 }
 
 /// The archive format: once every device has its outcome, all registered
@@ -1270,43 +1294,15 @@ async fn archive_stage(
     let endpoint = endpoint.as_deref().expect("set above");
     let io = |e: std::io::Error| Error::infra(format!("{}: {e}", ws.dir().join(crate::bundle::ARCHIVE_FILE).display()));
     let mut archive = crate::bundle::ArchiveWriter::create(ws).map_err(io)?;
+    let (inputs, mut failures) = bundle_inputs(&to_bundle, keys, s, ws, endpoint);
     let mut done = Vec::new();
-    let mut failures = Vec::new();
-    for r in to_bundle {
-        let k = &keys[&r.thing_name];
-        let (Some(cert_id), Some(cert_pem)) = (&r.certificate_id, &r.certificate_pem) else {
-            failures.push(outcome(
-                &r.thing_name,
-                Verdict::Failed {
-                    class: "bundle".into(),
-                    message: "registered, but the ledger holds no certificate".into(),
-                },
-            ));
-            continue;
-        };
-        let input = BundleInput {
-            thing_name: &r.thing_name,
-            serial: &r.serial,
-            certificate_pem: cert_pem,
-            certificate_id: cert_id,
-            key_pem: k.key_pem.as_ref().map(|s| s.0.as_str()),
-            key: &k.key,
-            key_type: &k.key_type,
-            endpoint,
-            batch: &ws.batch,
-            chain_pem: if s.mode.registers() {
-                None
-            } else {
-                s.ca_chain_pem.as_deref()
-            },
-            mode: s.mode.as_str(),
-        };
-        match archive.append(&input) {
-            Ok(()) => done.push(r.thing_name.clone()),
+    for (input, w) in inputs.iter().zip(archive.append_all(&inputs)) {
+        match w {
+            Ok(()) => done.push(input.thing_name.to_string()),
             Err(e) => {
-                tracing::error!(thing = %r.thing_name, "{e}");
+                tracing::error!(thing = %input.thing_name, "{e}");
                 failures.push(outcome(
-                    &r.thing_name,
+                    input.thing_name,
                     Verdict::Failed {
                         class: "bundle".into(),
                         message: e,

@@ -7,3 +7,4 @@ mod own_ca;
 mod pipeline;
 mod sandbox_cli;
 mod sandbox_sdk;
+mod scale;
