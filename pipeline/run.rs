@@ -1312,7 +1312,8 @@ async fn archive_stage(
         }
     }
     crate::failpoint::hit("bundle");
-    archive.finish().map_err(io)?;
+    let entries = archive.finish().map_err(io)?;
+    write_manifest(ws, &entries, true).map_err(io)?;
     crate::failpoint::hit("bundled");
     ledger.set_state(&ws.batch, &done, state::BUNDLED, None)?;
     ledger.record_outcomes(&ws.batch, &failures)?;
@@ -1394,6 +1395,23 @@ fn unregistered(thing: &str, hint: Option<String>) -> Verdict {
     }
 }
 
+/// manifest.json: every bundle file with its SHA-256 and size.
+fn write_manifest(ws: &Workspace, entries: &[(String, String, u64)], archive: bool) -> std::io::Result<()> {
+    let mut manifest = serde_json::json!({
+        "batch": ws.batch,
+        "algorithm": "sha256",
+        "files": entries.iter().map(|(p, h, n)| serde_json::json!({"path": p, "sha256": h, "bytes": n})).collect::<Vec<_>>(),
+    });
+    if archive {
+        manifest["archive"] = crate::bundle::ARCHIVE_FILE.into();
+    }
+    write_durable(
+        &ws.dir().join("manifest.json"),
+        format!("{}\n", serde_json::to_string_pretty(&manifest).expect("json")).as_bytes(),
+        0o644,
+    )
+}
+
 /// results.csv, manifest.json and report.json, from the ledger.
 pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &Timings) -> Result<Summary> {
     let rows = ledger.devices(&ws.batch)?;
@@ -1445,22 +1463,14 @@ pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &T
     let results = ws.dir().join("results.csv");
     write_durable(&results, &csv_bytes, 0o644).map_err(|e| io(&results, e))?;
 
-    let entries = manifest_entries(ws).map_err(|e| io(&ws.bundles(), e))?;
-    let mut manifest = serde_json::json!({
-        "batch": ws.batch,
-        "algorithm": "sha256",
-        "files": entries.iter().map(|(p, h, n)| serde_json::json!({"path": p, "sha256": h, "bytes": n})).collect::<Vec<_>>(),
-    });
-    if ws.dir().join(crate::bundle::ARCHIVE_FILE).exists() {
-        manifest["archive"] = crate::bundle::ARCHIVE_FILE.into();
-    }
     let mpath = ws.dir().join("manifest.json");
-    write_durable(
-        &mpath,
-        format!("{}\n", serde_json::to_string_pretty(&manifest).expect("json")).as_bytes(),
-        0o644,
-    )
-    .map_err(|e| io(&mpath, e))?;
+    let archive = ws.dir().join(crate::bundle::ARCHIVE_FILE).exists();
+    // The archive stage wrote the manifest with the archive, from the hashes
+    // it took while writing; the directory format is hashed here.
+    if !(archive && mpath.exists()) {
+        let entries = manifest_entries(ws).map_err(|e| io(&ws.bundles(), e))?;
+        write_manifest(ws, &entries, archive).map_err(|e| io(&mpath, e))?;
+    }
 
     let report = serde_json::json!({
         "batch": ws.batch,
