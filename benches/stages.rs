@@ -222,7 +222,7 @@ fn bench_bundle(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let n = 2_000;
     let material = bundle_material(n, dir.path());
-    let files: Vec<Vec<(&'static str, Vec<u8>, u32)>> =
+    let files: Vec<Vec<provline::bundle::BundleFile>> =
         material.iter().map(|m| bundle_files(&input(m)).unwrap()).collect();
     let bytes: u64 = files.iter().flatten().map(|f| f.1.len() as u64).sum();
     let mut round = 0;

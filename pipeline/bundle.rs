@@ -100,7 +100,10 @@ pub const ARCHIVE_FILE: &str = "bundles.tar";
 
 /// A bundle's files, name -> (bytes, mode), after the certificate is checked
 /// against the device's key (a mismatch is an error, never a bundle).
-pub fn bundle_files(b: &BundleInput<'_>) -> Result<Vec<(&'static str, Vec<u8>, u32)>, String> {
+/// One file of a bundle: name, bytes, mode.
+pub type BundleFile = (&'static str, Vec<u8>, u32);
+
+pub fn bundle_files(b: &BundleInput<'_>) -> Result<Vec<BundleFile>, String> {
     let cert = crate::crypto::parse_certificate_pem(b.certificate_pem)?;
     if &cert.key != b.key {
         return Err(format!(
@@ -148,7 +151,7 @@ pub fn bundle_files(b: &BundleInput<'_>) -> Result<Vec<(&'static str, Vec<u8>, u
             cert_pem.push_str(&to_pem("CERTIFICATE", block.contents()));
         }
     }
-    let mut files: Vec<(&str, Vec<u8>, u32)> = vec![
+    let mut files: Vec<BundleFile> = vec![
         (CERT_FILE, cert_pem.into_bytes(), 0o644),
         (ROOT_CA1_FILE, ca1.clone().into_bytes(), 0o644),
         (ROOT_CA3_FILE, ca3.clone().into_bytes(), 0o644),
@@ -257,7 +260,7 @@ impl ArchiveWriter {
     }
 
     /// Appends the files [`bundle_files`] made for a device.
-    pub fn append_files(&mut self, thing_name: &str, files: Vec<(&'static str, Vec<u8>, u32)>) -> Result<(), String> {
+    pub fn append_files(&mut self, thing_name: &str, files: Vec<BundleFile>) -> Result<(), String> {
         let dir = format!("bundles/{}", crate::workspace::safe_component(thing_name));
         for (name, bytes, mode) in files {
             let path = format!("{dir}/{name}");

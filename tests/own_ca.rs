@@ -405,3 +405,54 @@ pub fn describe_thing(out: &Path, thing: &str) -> serde_json::Value {
         serde_json::json!({"thing_name": t.thing_name(), "attributes": attrs})
     })
 }
+
+#[test]
+fn an_sni_only_ca_with_a_named_jitp_template_provisions_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let ca = ca_init(dir.path());
+    let body = std::fs::read_to_string(jitp_template(dir.path(), false)).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    rt.block_on(async {
+        let sb = provline_sandbox::Sandbox::start(provline_sandbox::Config {
+            state_dir: Some(out.join(".sandbox")),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let aws = provline::aws::Aws::connect(&provline::sandbox_setup::connection(&sb.endpoint_url())).await;
+        provline::sandbox_setup::prepare_account(&aws, "provline-sandbox", Some("provline-sandbox-device"))
+            .await
+            .unwrap();
+        aws.iot
+            .create_provisioning_template()
+            .template_name("line3-jitp")
+            .template_body(body)
+            .enabled(true)
+            .provisioning_role_arn(provline::sandbox_setup::sandbox_role_arn())
+            .r#type(aws_sdk_iot::types::TemplateType::Jitp)
+            .send()
+            .await
+            .unwrap();
+        sb.shutdown().await.unwrap();
+    });
+    let state = ca_register(&ca, &out, &["--sni-only", "--jitp-template-name", "line3-jitp"]);
+    assert_eq!(state["certificate_mode"], "SNI_ONLY", "{state}");
+    assert_eq!(state["template_name"], "line3-jitp");
+    assert!(state["template_body"]
+        .as_str()
+        .unwrap()
+        .contains("AWS::IoT::Certificate::Id"));
+    let csv = write(dir.path(), "few.csv", &csv_rows("SNI-", 3));
+    let r = run(provline()
+        .args(["run", "--sandbox", "--mode", "jitp", "--ca"])
+        .arg(&ca)
+        .arg("--out")
+        .arg(&out)
+        .arg(&csv));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let batch_dir = PathBuf::from(r.stdout.trim());
+    let (r, doc) = verify(&out, &batch_name(&batch_dir));
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(doc["connected"], 3);
+}

@@ -277,7 +277,7 @@ fn a_second_ledger_cannot_register_the_same_things_again() {
                 "--policy",
                 "twice-policy",
             ])
-            .args(["--role-arn", "arn:aws:iam::123456789012:role/r", "--out"])
+            .args(["--role-arn", &provline::sandbox_setup::sandbox_role_arn(), "--out"])
             .arg(tmp.path().join(out))
             .arg(&input))
     };
