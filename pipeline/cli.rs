@@ -1198,7 +1198,8 @@ async fn verify_command(args: VerifyArgs) -> Result<i32> {
         }
     );
     for r in results.iter().filter(|r| !r.connected).take(10) {
-        let _ = writeln!(err, "  {}: {:?}", r.thing_name, r.attempts.last());
+        let last = r.attempts.last().map(|a| a.to_string()).unwrap_or_default();
+        let _ = writeln!(err, "  {}: {last} (after {} attempts)", r.thing_name, r.attempts.len());
     }
     let doc = serde_json::json!({"batch": args.batch, "connected": connected, "devices": results});
     let path = ws.dir().join("verify.json");

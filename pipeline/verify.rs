@@ -47,6 +47,20 @@ pub enum Attempt {
     Error { message: String },
 }
 
+impl std::fmt::Display for Attempt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attempt::Connected => f.write_str("connected (CONNACK accepted)"),
+            Attempt::Refused { code } => write!(f, "refused: CONNACK return code {code}"),
+            Attempt::Dropped => f.write_str(
+                "the endpoint closed the connection before CONNACK (unknown, pending or inactive certificate)",
+            ),
+            Attempt::Tls { message } => write!(f, "TLS handshake failed: {message}"),
+            Attempt::Error { message } => f.write_str(message),
+        }
+    }
+}
+
 /// One device's verdict, all its attempts in order.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct DeviceResult {
@@ -287,5 +301,9 @@ mod tests {
         assert_eq!(&p[14..], b"SN-1");
         let long = connect_packet(&"x".repeat(200), 30);
         assert_eq!(&long[1..3], &[(212 % 128) as u8 | 0x80, 1]);
+        assert_eq!(
+            Attempt::Refused { code: 5 }.to_string(),
+            "refused: CONNACK return code 5"
+        );
     }
 }
