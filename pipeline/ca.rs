@@ -25,15 +25,16 @@ pub const CA_KEY_FILE: &str = "ca.pem.key";
 pub const CHAIN_FILE: &str = "chain.pem.crt";
 
 /// The subject fields JITP reads from a certificate, by the parameter name
-/// AWS gives them (`AWS::IoT::Certificate::<name>`), with their OIDs.
-pub const SUBJECT_PARAMETERS: [(&str, &[u64]); 7] = [
-    ("Country", &[2, 5, 4, 6]),
-    ("Organization", &[2, 5, 4, 10]),
-    ("OrganizationalUnit", &[2, 5, 4, 11]),
-    ("DistinguishedNameQualifier", &[2, 5, 4, 46]),
-    ("StateName", &[2, 5, 4, 8]),
-    ("CommonName", &[2, 5, 4, 3]),
-    ("SerialNumber", &[2, 5, 4, 5]),
+/// AWS gives them (`AWS::IoT::Certificate::<name>`), with their OIDs and the
+/// attribute name a profile's `[certificate.subject]` uses for them.
+pub const SUBJECT_PARAMETERS: [(&str, &[u64], &str); 7] = [
+    ("Country", &[2, 5, 4, 6], "C"),
+    ("Organization", &[2, 5, 4, 10], "O"),
+    ("OrganizationalUnit", &[2, 5, 4, 11], "OU"),
+    ("DistinguishedNameQualifier", &[2, 5, 4, 46], "dnQualifier"),
+    ("StateName", &[2, 5, 4, 8], "ST"),
+    ("CommonName", &[2, 5, 4, 3], "CN"),
+    ("SerialNumber", &[2, 5, 4, 5], "serialNumber"),
 ];
 
 /// What `ca init` makes.
@@ -379,7 +380,7 @@ pub fn missing_subject_fields(cert_pem: &str, wanted: &[(String, bool)]) -> std:
         if *has_default {
             continue;
         }
-        let Some((_, oid)) = SUBJECT_PARAMETERS.iter().find(|(n, _)| n == field) else {
+        let Some((_, oid, _)) = SUBJECT_PARAMETERS.iter().find(|(n, _, _)| n == field) else {
             missing.push(format!("{field} (AWS fills no such certificate field)"));
             continue;
         };

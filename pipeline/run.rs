@@ -754,16 +754,11 @@ pub fn check_subjects(p: &Prepared, wanted: &[(String, bool)]) -> Result<()> {
 
 /// The profile's subject attribute for a JITP certificate parameter.
 fn subject_key_for(param: &str) -> &'static str {
-    match param {
-        "Country" => "C",
-        "Organization" => "O",
-        "OrganizationalUnit" => "OU",
-        "DistinguishedNameQualifier" => "dnQualifier",
-        "StateName" => "ST",
-        "CommonName" => "CN",
-        "SerialNumber" => "serialNumber",
-        _ => "(no such field)",
-    }
+    crate::ca::SUBJECT_PARAMETERS
+        .iter()
+        .find(|(name, _, _)| *name == param)
+        .map(|(_, _, key)| *key)
+        .unwrap_or("(no such field)")
 }
 
 /// Own-CA modes: the CA must be registered and set up for the mode before
@@ -1194,22 +1189,7 @@ async fn bundle_stage(
             })
         })
         .collect();
-    let mut done = Vec::new();
-    for (input, w) in inputs.iter().zip(written) {
-        match w {
-            Ok(()) => done.push(input.thing_name.to_string()),
-            Err(e) => {
-                tracing::error!(thing = %input.thing_name, "{e}");
-                failures.push(outcome(
-                    input.thing_name,
-                    Verdict::Failed {
-                        class: "bundle".into(),
-                        message: e,
-                    },
-                ));
-            }
-        }
-    }
+    let done = sort_bundled(&inputs, written, &mut failures);
     crate::bundle::sync_bundles(ws).map_err(|e| Error::infra(format!("syncing {}: {e}", ws.bundles().display())))?;
     crate::failpoint::hit("bundled");
     ledger.set_state(&ws.batch, &done, state::BUNDLED, None)?;
@@ -1232,12 +1212,9 @@ fn bundle_inputs<'a>(
     for r in rows {
         let k = &keys[&r.thing_name];
         let (Some(cert_id), Some(cert_pem)) = (&r.certificate_id, &r.certificate_pem) else {
-            failures.push(outcome(
+            failures.push(bundle_failure(
                 &r.thing_name,
-                Verdict::Failed {
-                    class: "bundle".into(),
-                    message: "registered, but the ledger holds no certificate".into(),
-                },
+                "registered, but the ledger holds no certificate".into(),
             ));
             continue;
         };
@@ -1261,6 +1238,35 @@ fn bundle_inputs<'a>(
         });
     }
     (inputs, failures)
+}
+
+fn bundle_failure(thing: &str, message: String) -> Outcome {
+    outcome(
+        thing,
+        Verdict::Failed {
+            class: "bundle".into(),
+            message,
+        },
+    )
+}
+
+/// The devices whose bundle was written; the others become failures.
+fn sort_bundled(
+    inputs: &[BundleInput<'_>],
+    written: Vec<std::result::Result<(), String>>,
+    failures: &mut Vec<Outcome>,
+) -> Vec<String> {
+    let mut done = Vec::new();
+    for (input, w) in inputs.iter().zip(written) {
+        match w {
+            Ok(()) => done.push(input.thing_name.to_string()),
+            Err(e) => {
+                tracing::error!(thing = %input.thing_name, "{e}");
+                failures.push(bundle_failure(input.thing_name, e));
+            }
+        }
+    }
+    done
 }
 
 /// The archive format: once every device has its outcome, all registered
@@ -1296,22 +1302,8 @@ async fn archive_stage(
     let io = |e: std::io::Error| Error::infra(format!("{}: {e}", ws.dir().join(crate::bundle::ARCHIVE_FILE).display()));
     let mut archive = crate::bundle::ArchiveWriter::create(ws).map_err(io)?;
     let (inputs, mut failures) = bundle_inputs(&to_bundle, keys, s, ws, endpoint);
-    let mut done = Vec::new();
-    for (input, w) in inputs.iter().zip(archive.append_all(&inputs)) {
-        match w {
-            Ok(()) => done.push(input.thing_name.to_string()),
-            Err(e) => {
-                tracing::error!(thing = %input.thing_name, "{e}");
-                failures.push(outcome(
-                    input.thing_name,
-                    Verdict::Failed {
-                        class: "bundle".into(),
-                        message: e,
-                    },
-                ));
-            }
-        }
-    }
+    let written = archive.append_all(&inputs);
+    let done = sort_bundled(&inputs, written, &mut failures);
     crate::failpoint::hit("bundle");
     let entries = archive.finish().map_err(io)?;
     write_manifest(ws, &entries, true).map_err(io)?;
