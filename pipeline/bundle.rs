@@ -205,14 +205,79 @@ pub fn sync_bundles(ws: &Workspace) -> std::io::Result<()> {
     Ok(())
 }
 
+/// manifest.json, written as it goes: every bundle file with its SHA-256
+/// and size, one entry at a time into a temporary file that is synced and
+/// renamed into place by [`ManifestWriter::finish`]. A batch of a million
+/// devices never holds its five million entries in memory.
+pub struct ManifestWriter {
+    w: std::io::BufWriter<fs::File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+    first: bool,
+}
+
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+impl ManifestWriter {
+    pub fn create(ws: &Workspace, archive: bool) -> std::io::Result<ManifestWriter> {
+        use std::io::Write;
+        let dest = ws.dir().join(MANIFEST_FILE);
+        let tmp = ws.dir().join(format!(".{MANIFEST_FILE}.tmp"));
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        let batch = serde_json::to_string(&ws.batch).map_err(std::io::Error::other)?;
+        write!(w, "{{\n  \"batch\": {batch},\n  \"algorithm\": \"sha256\",\n")?;
+        if archive {
+            writeln!(w, "  \"archive\": \"{ARCHIVE_FILE}\",")?;
+        }
+        write!(w, "  \"files\": [")?;
+        Ok(ManifestWriter {
+            w,
+            tmp,
+            dest,
+            first: true,
+        })
+    }
+
+    pub fn add(&mut self, path: &str, sha256: &str, bytes: u64) -> std::io::Result<()> {
+        use std::io::Write;
+        let path = serde_json::to_string(path).map_err(std::io::Error::other)?;
+        let sep = if self.first { "" } else { "," };
+        self.first = false;
+        write!(
+            self.w,
+            "{sep}\n    {{\"path\": {path}, \"sha256\": \"{sha256}\", \"bytes\": {bytes}}}"
+        )
+    }
+
+    pub fn finish(mut self) -> std::io::Result<()> {
+        use std::io::Write;
+        let end = if self.first { "]\n}\n" } else { "\n  ]\n}\n" };
+        self.w.write_all(end.as_bytes())?;
+        let f = self.w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&self.tmp, &self.dest)?;
+        if let Some(parent) = self.dest.parent() {
+            fs::File::open(parent)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
 /// Writes the batch's archive: every bundle under `bundles/<thing>/`, into
-/// a temporary file that is synced once and renamed into place. Returns the
-/// manifest entries (path inside the archive, SHA-256, size).
+/// a temporary file that is synced once and renamed into place, with the
+/// manifest of what went in, hashed while writing.
 pub struct ArchiveWriter {
     builder: tar::Builder<std::io::BufWriter<fs::File>>,
     tmp: PathBuf,
     dest: PathBuf,
-    entries: Vec<(String, String, u64)>,
+    manifest: ManifestWriter,
     mtime: u64,
 }
 
@@ -234,7 +299,7 @@ impl ArchiveWriter {
             builder: tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, f)),
             tmp,
             dest,
-            entries: Vec::new(),
+            manifest: ManifestWriter::create(ws, true)?,
             mtime,
         })
     }
@@ -272,13 +337,16 @@ impl ArchiveWriter {
             self.builder
                 .append_data(&mut h, &path, bytes.as_slice())
                 .map_err(|e| format!("{}: {e}", self.tmp.display()))?;
-            self.entries.push((path, sha256_hex(&bytes), bytes.len() as u64));
+            self.manifest
+                .add(&path, &sha256_hex(&bytes), bytes.len() as u64)
+                .map_err(|e| format!("{}: {e}", self.dest.with_file_name(MANIFEST_FILE).display()))?;
         }
         Ok(())
     }
 
-    /// Finishes the archive, syncs it once and renames it into place.
-    pub fn finish(self) -> std::io::Result<Vec<(String, String, u64)>> {
+    /// Finishes the archive, syncs it once and renames it into place, then
+    /// does the same for its manifest.
+    pub fn finish(self) -> std::io::Result<()> {
         let w = self.builder.into_inner()?;
         let f = w.into_inner().map_err(|e| e.into_error())?;
         f.sync_all()?;
@@ -287,44 +355,39 @@ impl ArchiveWriter {
         if let Some(parent) = self.dest.parent() {
             fs::File::open(parent)?.sync_all()?;
         }
-        Ok(self.entries)
+        self.manifest.finish()
     }
 }
 
-/// Every file of the batch's bundles, with its SHA-256, relative to the
-/// batch directory (inside `bundles.tar` for the archive format).
-pub fn manifest_entries(ws: &Workspace) -> std::io::Result<Vec<(String, String, u64)>> {
-    let archive = ws.dir().join(ARCHIVE_FILE);
-    if archive.exists() {
-        let mut out = Vec::new();
-        let mut a = tar::Archive::new(std::io::BufReader::new(fs::File::open(&archive)?));
-        for e in a.entries()? {
-            let mut e = e?;
-            let path = e.path()?.to_string_lossy().into_owned();
-            let mut bytes = Vec::new();
-            std::io::Read::read_to_end(&mut e, &mut bytes)?;
-            out.push((path, sha256_hex(&bytes), bytes.len() as u64));
-        }
-        return Ok(out);
-    }
-    let mut out = Vec::new();
+/// The manifest of the directory format: the files of each named bundle
+/// directory, in the order given.
+pub fn write_dir_manifest(ws: &Workspace, things: impl Iterator<Item = String>) -> std::io::Result<()> {
+    let mut m = ManifestWriter::create(ws, false)?;
     let root = ws.dir();
-    let mut dirs: Vec<PathBuf> = fs::read_dir(ws.bundles())?
-        .filter_map(|e| e.ok())
-        .map(|e| e.path())
-        .filter(|p| p.is_dir() && !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with('.')))
-        .collect();
-    dirs.sort();
-    for d in dirs {
+    for thing in things {
+        let d = ws.bundle_dir(&thing);
         let mut files: Vec<PathBuf> = fs::read_dir(&d)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
         files.sort();
         for f in files {
             let bytes = fs::read(&f)?;
-            let rel = relative(&root, &f);
-            out.push((rel, sha256_hex(&bytes), bytes.len() as u64));
+            m.add(&relative(&root, &f), &sha256_hex(&bytes), bytes.len() as u64)?;
         }
     }
-    Ok(out)
+    m.finish()
+}
+
+/// The manifest rebuilt from an archive already in place.
+pub fn write_archive_manifest(ws: &Workspace) -> std::io::Result<()> {
+    let mut m = ManifestWriter::create(ws, true)?;
+    let mut a = tar::Archive::new(std::io::BufReader::new(fs::File::open(ws.dir().join(ARCHIVE_FILE))?));
+    for e in a.entries()? {
+        let mut e = e?;
+        let path = e.path()?.to_string_lossy().into_owned();
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut e, &mut bytes)?;
+        m.add(&path, &sha256_hex(&bytes), bytes.len() as u64)?;
+    }
+    m.finish()
 }
 
 fn relative(root: &Path, p: &Path) -> String {

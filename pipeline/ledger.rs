@@ -2,6 +2,7 @@
 //! of truth for `status`, `resume` and re-runs. Every state change is
 //! committed before the action that depends on it.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension};
@@ -64,6 +65,7 @@ CREATE TABLE IF NOT EXISTS devices (
 );
 CREATE INDEX IF NOT EXISTS devices_serial ON devices (serial);
 CREATE INDEX IF NOT EXISTS devices_seq ON devices (batch_id, seq);
+CREATE INDEX IF NOT EXISTS devices_attempt ON devices (batch_id, attempt, seq);
 "#;
 
 /// Device states, in pipeline order.
@@ -221,13 +223,13 @@ impl Ledger {
     }
 
     /// Records a new batch with its inputs and devices, all or nothing.
-    pub fn create_batch(
+    pub fn create_batch<'a>(
         &mut self,
         id: &str,
         digest: &str,
         settings: &str,
         inputs: &[(String, String, usize)],
-        devices: &[NewDevice<'_>],
+        devices: impl IntoIterator<Item = NewDevice<'a>>,
     ) -> Result<()> {
         let tx = self.conn.transaction().map_err(db_err)?;
         tx.execute(
@@ -249,7 +251,7 @@ impl Ledger {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .map_err(db_err)?;
-            for (seq, d) in devices.iter().enumerate() {
+            for (seq, d) in devices.into_iter().enumerate() {
                 st.execute(params![
                     id,
                     seq as i64,
@@ -308,6 +310,78 @@ impl Ledger {
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(db_err)?;
         Ok(rows)
+    }
+
+    /// Up to `limit` devices in `state` after `after_seq`, in device order:
+    /// the stages walk the batch a page at a time with this.
+    pub fn devices_in_state(&self, batch: &str, state: &str, after_seq: i64, limit: usize) -> Result<Vec<DeviceRow>> {
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE batch_id = ?1 AND seq > ?2 AND state = ?3 ORDER BY seq LIMIT ?4"
+            ))
+            .map_err(db_err)?;
+        let rows = st
+            .query_map(params![batch, after_seq, state, limit as i64], |r| device_row(r, 0))
+            .map_err(db_err)?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(db_err)?;
+        Ok(rows)
+    }
+
+    /// The devices assigned to one attempt, in device order.
+    pub fn devices_of_attempt(&self, batch: &str, attempt: i64) -> Result<Vec<DeviceRow>> {
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE batch_id = ?1 AND attempt = ?2 ORDER BY seq"
+            ))
+            .map_err(db_err)?;
+        let rows = st
+            .query_map(params![batch, attempt], |r| device_row(r, 0))
+            .map_err(db_err)?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(db_err)?;
+        Ok(rows)
+    }
+
+    /// Calls `f` with every device of the batch in order, one row in memory at a time.
+    pub fn each_device(&self, batch: &str, mut f: impl FnMut(&DeviceRow) -> Result<()>) -> Result<()> {
+        let mut st = self
+            .conn
+            .prepare(&format!(
+                "SELECT {DEVICE_COLUMNS} FROM devices WHERE batch_id = ?1 ORDER BY seq"
+            ))
+            .map_err(db_err)?;
+        let mut rows = st.query([batch]).map_err(db_err)?;
+        while let Some(r) = rows.next().map_err(db_err)? {
+            f(&device_row(r, 0).map_err(db_err)?)?;
+        }
+        Ok(())
+    }
+
+    /// How many devices of the batch are in each state.
+    pub fn state_counts(&self, batch: &str) -> Result<BTreeMap<String, usize>> {
+        let mut st = self
+            .conn
+            .prepare_cached("SELECT state, count(*) FROM devices WHERE batch_id = ?1 GROUP BY state")
+            .map_err(db_err)?;
+        let rows = st
+            .query_map([batch], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as usize)))
+            .map_err(db_err)?
+            .collect::<std::result::Result<BTreeMap<_, _>, _>>()
+            .map_err(db_err)?;
+        Ok(rows)
+    }
+
+    /// Moves every device of the batch in `from` to `to`; returns how many.
+    pub fn move_state(&self, batch: &str, from: &str, to: &str) -> Result<usize> {
+        self.conn
+            .execute(
+                "UPDATE devices SET state = ?3 WHERE batch_id = ?1 AND state = ?2",
+                params![batch, from, to],
+            )
+            .map_err(db_err)
     }
 
     /// Marks devices keyed, with their key fingerprints, in one transaction.

@@ -17,6 +17,7 @@ pub mod error;
 pub mod failpoint;
 pub mod ingest;
 pub mod keygen;
+pub mod keystore;
 pub mod ledger;
 pub mod lint;
 pub mod preflight;

@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 use rayon::prelude::*;
 
 use crate::aws::{describe, Aws};
-use crate::bundle::{manifest_entries, write_bundle, BundleInput};
-use crate::crypto::{csr_key_id, sha256_hex, KeyId};
+use crate::bundle::{write_bundle, BundleInput};
+use crate::crypto::{sha256_hex, KeyId};
 use crate::error::{exit, Error, Problem, Problems, Result};
 use crate::ingest::{ingest, IngestOptions};
-use crate::keygen::{generate_all, KeyType, Keyed, SecretPem};
+use crate::keygen::{generate_all, KeyType, Keyed};
+use crate::keystore::KeyStore;
 use crate::ledger::{batch_state, state, AttemptRow, DeviceRow, Ledger, NewDevice, Outcome};
 use crate::profile::{NamePattern, Profile};
 use crate::reconcile::{reconcile, verify_certificate, StagedDevice, Verdict};
@@ -520,202 +521,154 @@ pub fn record_batch(ledger: &mut Ledger, p: &Prepared) -> Result<bool> {
         .iter()
         .map(|f| (f.path.display().to_string(), f.sha256.clone(), f.rows))
         .collect();
-    let records: Vec<String> = p
-        .devices
-        .iter()
-        .map(|d| {
-            serde_json::to_string(&StoredDevice {
-                serial: d.serial.clone(),
-                thing_name: d.thing_name.clone(),
-                values: d.values.clone(),
-                device_csr: d.csr.as_ref().map(|c| c.pem.clone()),
-            })
-            .expect("a stored device serialises")
+    // Each record is made as it is inserted, never all at once.
+    let new = p.devices.iter().map(|d| NewDevice {
+        serial: &d.serial,
+        thing_name: &d.thing_name,
+        file: &d.file,
+        line: d.line,
+        fingerprint: d.fingerprint(),
+        record: serde_json::to_string(&StoredDevice {
+            serial: d.serial.clone(),
+            thing_name: d.thing_name.clone(),
+            values: d.values.clone(),
+            device_csr: d.csr.as_ref().map(|c| c.pem.clone()),
         })
-        .collect();
-    let new: Vec<NewDevice<'_>> = p
-        .devices
-        .iter()
-        .zip(records)
-        .map(|(d, record)| NewDevice {
-            serial: &d.serial,
-            thing_name: &d.thing_name,
-            file: &d.file,
-            line: d.line,
-            fingerprint: d.fingerprint(),
-            record,
-        })
-        .collect();
-    ledger.create_batch(&p.batch, &p.digest, &settings, &inputs, &new)?;
+        .expect("a stored device serialises"),
+    });
+    ledger.create_batch(&p.batch, &p.digest, &settings, &inputs, new)?;
     Ok(true)
 }
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct KeyLine {
-    thing_name: String,
-    key_pem: Option<String>,
-    csr_pem: String,
-    key_type: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    certificate_pem: Option<String>,
-}
+/// Devices per page when a stage walks the batch: what one stage holds in
+/// memory at a time, whatever the size of the batch.
+pub const PAGE: usize = 8192;
 
-fn load_keys(ws: &Workspace) -> Result<HashMap<String, Keyed>> {
-    let path = ws.keys_file();
-    let mut out = HashMap::new();
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(Error::infra(format!("cannot read {}: {e}", path.display()))),
-    };
-    for (i, line) in text.lines().enumerate() {
-        let k: KeyLine = serde_json::from_str(line)
-            .map_err(|e| Error::infra(format!("{}:{}: the key store is damaged: {e}", path.display(), i + 1)))?;
-        let key = match &k.certificate_pem {
-            Some(c) => crate::crypto::parse_certificate_pem(c).map(|c| c.key),
-            None => csr_key_id(&k.csr_pem),
-        }
-        .map_err(|e| Error::infra(format!("{}:{}: {e}", path.display(), i + 1)))?;
-        out.insert(
-            k.thing_name,
-            Keyed {
-                key_pem: k.key_pem.map(SecretPem),
-                csr_pem: k.csr_pem,
-                certificate_pem: k.certificate_pem,
-                key,
-                key_type: k.key_type,
-            },
-        );
-    }
-    Ok(out)
-}
-
-fn store_keys(ws: &Workspace, keys: &[(String, &Keyed)]) -> Result<()> {
-    let mut buf = String::new();
-    for (thing, k) in keys {
-        let line = KeyLine {
-            thing_name: thing.clone(),
-            key_pem: k.key_pem.as_ref().map(|s| s.0.clone()),
-            csr_pem: k.csr_pem.clone(),
-            key_type: k.key_type.clone(),
-            certificate_pem: k.certificate_pem.clone(),
-        };
-        buf.push_str(&serde_json::to_string(&line).map_err(|e| Error::Other(e.into()))?);
-        buf.push('\n');
-    }
-    write_durable(&ws.keys_file(), buf.as_bytes(), 0o600)
-        .map_err(|e| Error::infra(format!("cannot write the key store {}: {e}", ws.keys_file().display())))
+fn names(rows: &[DeviceRow]) -> Vec<&str> {
+    rows.iter().map(|r| r.thing_name.as_str()).collect()
 }
 
 fn stored(row: &DeviceRow) -> Result<StoredDevice> {
     serde_json::from_str(&row.record).map_err(|e| Error::infra(format!("ledger record of `{}`: {e}", row.thing_name)))
 }
 
-/// Keygen and persist: every device that has no key yet gets one, and the
-/// key store is durable (fsync'd, 0600) before the ledger says "keyed".
+/// Keygen and persist, a page of devices at a time: every device that has
+/// no key yet gets one, and its page of the key store is durable (a synced
+/// transaction, 0600) before the ledger says "keyed".
 fn keygen_stage(
     ledger: &mut Ledger,
     ws: &Workspace,
     s: &Settings,
     subject_params: &[(String, bool)],
     t: &mut Timings,
-) -> Result<HashMap<String, Keyed>> {
-    let rows = ledger.devices(&ws.batch)?;
-    let mut keys = load_keys(ws)?;
-    let need: Vec<&DeviceRow> = rows.iter().filter(|r| !keys.contains_key(&r.thing_name)).collect();
-    if !need.is_empty() {
-        let started = Instant::now();
-        let devices: Vec<crate::ingest::Device> = need
-            .iter()
-            .map(|r| {
-                let sd = stored(r)?;
-                let csr = match &sd.device_csr {
-                    Some(pem) => Some(
-                        crate::csr::check_csr(pem)
-                            .map_err(|e| Error::infra(format!("stored CSR of `{}`: {e}", r.thing_name)))?,
-                    ),
-                    None => None,
-                };
-                Ok(crate::ingest::Device {
-                    serial: sd.serial,
-                    thing_name: sd.thing_name,
-                    values: sd.values,
-                    file: r.file.as_str().into(),
-                    line: r.line as u64,
-                    csr,
+) -> Result<()> {
+    let mut store = KeyStore::open(ws)?;
+    let mut ca: Option<crate::ca::FactoryCa> = None;
+    let mut after = -1;
+    let mut generated = 0usize;
+    loop {
+        let rows = ledger.devices_in_state(&ws.batch, state::INGESTED, after, PAGE)?;
+        let Some(last) = rows.last() else { break };
+        after = last.seq;
+        // A crash between the key store and the ledger leaves keys already made.
+        let mut keys = store.get_many(&names(&rows))?;
+        let need: Vec<&DeviceRow> = rows.iter().filter(|r| !keys.contains_key(&r.thing_name)).collect();
+        if !need.is_empty() {
+            let started = Instant::now();
+            let devices: Vec<crate::ingest::Device> = need
+                .iter()
+                .map(|r| {
+                    let sd = stored(r)?;
+                    let csr = match &sd.device_csr {
+                        Some(pem) => Some(
+                            crate::csr::check_csr(pem)
+                                .map_err(|e| Error::infra(format!("stored CSR of `{}`: {e}", r.thing_name)))?,
+                        ),
+                        None => None,
+                    };
+                    Ok(crate::ingest::Device {
+                        serial: sd.serial,
+                        thing_name: sd.thing_name,
+                        values: sd.values,
+                        file: r.file.as_str().into(),
+                        line: r.line as u64,
+                        csr,
+                    })
                 })
-            })
-            .collect::<Result<_>>()?;
-        let ca = match &s.ca_dir {
-            Some(dir) => Some(crate::ca::load(std::path::Path::new(dir))?),
-            None => None,
-        };
-        if let (Some(ca), Some(id)) = (&ca, &s.ca_id) {
-            if &ca.id != id {
-                return Err(Error::config(format!(
-                    "the CA in {} is not the one this batch was started with ({id}); put that CA back",
-                    ca.dir.display()
-                )));
-            }
-        }
-        let signer = ca.as_ref().map(|ca| crate::keygen::Signer {
-            ca,
-            spec: &s.certificate,
-        });
-        let made = generate_all(&devices, s.key_type, signer.as_ref());
-        let mut problems = Problems::default();
-        for (d, k) in devices.iter().zip(made) {
-            match k {
-                Ok(k) => {
-                    // JITP: a subject field the CA's template reads and the
-                    // certificate lacks means the device never activates.
-                    if let Some(pem) = &k.certificate_pem {
-                        match crate::ca::missing_subject_fields(pem, subject_params) {
-                            Ok(missing) if missing.is_empty() => {}
-                            Ok(missing) => problems.push(
-                                Problem::new(format!(
-                                    "the CA's JITP template reads {} from the certificate subject without a Default, and this device's certificate has no such field; add {} to [certificate.subject] in the profile (or a Default to the template)",
-                                    missing.iter().map(|m| format!("AWS::IoT::Certificate::{m}")).collect::<Vec<_>>().join(", "),
-                                    missing.iter().map(|m| subject_key_for(m)).collect::<Vec<_>>().join(", ")
-                                ))
-                                .file(d.file.to_string())
-                                .line(d.line)
-                                .device(d.thing_name.clone()),
-                            ),
-                            Err(e) => problems.push(Problem::new(e).device(d.thing_name.clone())),
+                .collect::<Result<_>>()?;
+            if ca.is_none() {
+                if let Some(dir) = &s.ca_dir {
+                    let loaded = crate::ca::load(std::path::Path::new(dir))?;
+                    if let Some(id) = &s.ca_id {
+                        if &loaded.id != id {
+                            return Err(Error::config(format!(
+                                "the CA in {} is not the one this batch was started with ({id}); put that CA back",
+                                loaded.dir.display()
+                            )));
                         }
                     }
-                    keys.insert(d.thing_name.clone(), k);
+                    ca = Some(loaded);
                 }
-                Err(e) => problems.push(Problem::new(e).device(d.thing_name.clone())),
             }
+            let signer = ca.as_ref().map(|ca| crate::keygen::Signer {
+                ca,
+                spec: &s.certificate,
+            });
+            let made = generate_all(&devices, s.key_type, signer.as_ref());
+            let mut problems = Problems::default();
+            let mut fresh: Vec<(String, Keyed)> = Vec::with_capacity(made.len());
+            for (d, k) in devices.iter().zip(made) {
+                match k {
+                    Ok(k) => {
+                        // JITP: a subject field the CA's template reads and the
+                        // certificate lacks means the device never activates.
+                        if let Some(pem) = &k.certificate_pem {
+                            match crate::ca::missing_subject_fields(pem, subject_params) {
+                                Ok(missing) if missing.is_empty() => {}
+                                Ok(missing) => problems.push(
+                                    Problem::new(format!(
+                                        "the CA's JITP template reads {} from the certificate subject without a Default, and this device's certificate has no such field; add {} to [certificate.subject] in the profile (or a Default to the template)",
+                                        missing.iter().map(|m| format!("AWS::IoT::Certificate::{m}")).collect::<Vec<_>>().join(", "),
+                                        missing.iter().map(|m| subject_key_for(m)).collect::<Vec<_>>().join(", ")
+                                    ))
+                                    .file(d.file.to_string())
+                                    .line(d.line)
+                                    .device(d.thing_name.clone()),
+                                ),
+                                Err(e) => problems.push(Problem::new(e).device(d.thing_name.clone())),
+                            }
+                        }
+                        fresh.push((d.thing_name.clone(), k));
+                    }
+                    Err(e) => problems.push(Problem::new(e).device(d.thing_name.clone())),
+                }
+            }
+            problems.into_result()?;
+            t.add("keygen", started);
+            let started = Instant::now();
+            crate::failpoint::hit("keygen");
+            let refs: Vec<(&str, &Keyed)> = fresh.iter().map(|(n, k)| (n.as_str(), k)).collect();
+            store.insert(&refs)?;
+            crate::failpoint::hit("persist");
+            generated += fresh.len();
+            keys.extend(fresh);
+            t.add("persist", started);
         }
-        problems.into_result()?;
-        t.add("keygen", started);
         let started = Instant::now();
-        let mut all: Vec<(String, &Keyed)> = rows
+        let unmarked: Vec<(String, String, String)> = rows
             .iter()
-            .filter_map(|r| keys.get(&r.thing_name).map(|k| (r.thing_name.clone(), k)))
+            .filter_map(|r| {
+                keys.get(&r.thing_name)
+                    .map(|k| (r.thing_name.clone(), k.key.fingerprint(), k.key_type.clone()))
+            })
             .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        crate::failpoint::hit("keygen");
-        store_keys(ws, &all)?;
-        crate::failpoint::hit("persist");
-        t.add("persist", started);
-        tracing::info!(batch = %ws.batch, generated = need.len(), "keys generated and persisted");
-    }
-    let unmarked: Vec<(String, String, String)> = rows
-        .iter()
-        .filter(|r| r.state == state::INGESTED)
-        .filter_map(|r| {
-            keys.get(&r.thing_name)
-                .map(|k| (r.thing_name.clone(), k.key.fingerprint(), k.key_type.clone()))
-        })
-        .collect();
-    if !unmarked.is_empty() {
         ledger.mark_keyed(&ws.batch, &unmarked)?;
+        t.add("persist", started);
     }
-    Ok(keys)
+    if generated > 0 {
+        tracing::info!(batch = %ws.batch, generated, "keys generated and persisted");
+    }
+    Ok(())
 }
 
 /// JITP: before a batch is recorded, every device's subject (from the
@@ -801,7 +754,9 @@ pub async fn check_ca_for_mode(aws: &Aws, s: &Settings) -> Result<Vec<(String, b
 
 /// Runs (or continues) a recorded batch to its end: attempt after attempt
 /// (chunks first, then retries), each one bulk task, then bundles and reports.
-// TODO(streaming): every stage holds the whole batch in memory (ledger rows, keys, bundle inputs), so peak memory grows with the batch: about 1.9 GB at 100,000 devices; per-chunk stages over bounded channels are not built yet.
+/// Every stage walks the ledger a page (or one attempt) at a time and takes
+/// keys from the key store, so memory follows the page and the chunk size,
+/// not the batch.
 pub async fn continue_batch(
     ledger: &mut Ledger,
     ws: &Workspace,
@@ -817,45 +772,26 @@ pub async fn continue_batch(
         .map_err(|e| Error::infra(format!("cannot create {}: {e}", ws.dir().display())))?;
     let template = Template::check(&s.template_source, &s.template_body).map_err(Error::Input)?;
     let subject_params = check_ca_for_mode(aws, s).await?;
-    let keys = keygen_stage(ledger, ws, s, &subject_params, &mut t)?;
+    keygen_stage(ledger, ws, s, &subject_params, &mut t)?;
     let mut endpoint = None;
     if !s.mode.registers() {
-        // JITP and JITR: nothing is registered now; the certificate is the
-        // device's credential and AWS meets it at first connect.
-        let issued: Vec<Outcome> = ledger
-            .devices(&ws.batch)?
-            .iter()
-            .filter(|r| r.state == state::KEYED)
-            .filter_map(|r| {
-                let pem = keys.get(&r.thing_name)?.certificate_pem.clone()?;
-                let info = crate::crypto::parse_certificate_pem(&pem).ok()?;
-                Some(Outcome {
-                    thing_name: r.thing_name.clone(),
-                    registered: true,
-                    certificate_id: Some(info.id),
-                    certificate_pem: Some(pem),
-                    error_class: None,
-                    error: None,
-                })
-            })
-            .collect();
-        ledger.record_outcomes(&ws.batch, &issued)?;
+        issue_own_certificates(ledger, ws)?;
     }
     while s.mode.registers() {
         let attempts = ledger.attempts(&ws.batch)?;
         let attempt = match attempts.iter().find(|a| !a.reconciled) {
             Some(a) => a.clone(),
-            None => match next_attempt(ledger, ws, s, aws, &keys, attempts.len() as i64 + 1).await? {
+            None => match next_attempt(ledger, ws, s, aws, attempts.len() as i64 + 1).await? {
                 Some(a) => a,
                 None => break,
             },
         };
-        run_attempt(ledger, ws, s, aws, &template, &keys, attempt, &mut endpoint, &mut t).await?;
-        bundle_stage(ledger, ws, s, aws, &keys, &mut endpoint, &mut t).await?;
+        run_attempt(ledger, ws, s, aws, &template, attempt, &mut endpoint, &mut t).await?;
+        bundle_stage(ledger, ws, s, aws, &mut endpoint, &mut t).await?;
     }
-    bundle_stage(ledger, ws, s, aws, &keys, &mut endpoint, &mut t).await?;
+    bundle_stage(ledger, ws, s, aws, &mut endpoint, &mut t).await?;
     if s.bundle_format == crate::bundle::BundleFormat::Tar {
-        archive_stage(ledger, ws, s, aws, &keys, &mut endpoint, &mut t).await?;
+        archive_stage(ledger, ws, s, aws, &mut endpoint, &mut t).await?;
     }
 
     let started = Instant::now();
@@ -872,6 +808,49 @@ pub async fn continue_batch(
     Ok(summary)
 }
 
+/// JITP and JITR: nothing is registered now; the certificate is the
+/// device's credential and AWS meets it at first connect. Each keyed device
+/// is marked registered with its certificate, a page at a time.
+fn issue_own_certificates(ledger: &mut Ledger, ws: &Workspace) -> Result<()> {
+    let store = KeyStore::open(ws)?;
+    let mut after = -1;
+    loop {
+        let rows = ledger.devices_in_state(&ws.batch, state::KEYED, after, PAGE)?;
+        let Some(last) = rows.last() else { break };
+        after = last.seq;
+        let keys = store.get_many(&names(&rows))?;
+        let issued: Vec<Outcome> = rows
+            .iter()
+            .map(|r| {
+                let cert = keys
+                    .get(&r.thing_name)
+                    .and_then(|k| k.certificate_pem.clone())
+                    .ok_or_else(|| "the key store holds no certificate for this device".to_string())
+                    .and_then(|pem| crate::crypto::parse_certificate_pem(&pem).map(|info| (info.id, pem)));
+                match cert {
+                    Ok((id, pem)) => Outcome {
+                        thing_name: r.thing_name.clone(),
+                        registered: true,
+                        certificate_id: Some(id),
+                        certificate_pem: Some(pem),
+                        error_class: None,
+                        error: None,
+                    },
+                    Err(e) => outcome(
+                        &r.thing_name,
+                        Verdict::Failed {
+                            class: "certificate".into(),
+                            message: e,
+                        },
+                    ),
+                }
+            })
+            .collect();
+        ledger.record_outcomes(&ws.batch, &issued)?;
+    }
+    Ok(())
+}
+
 /// The next attempt: the next chunk of devices never sent, else the devices
 /// whose failure is worth a retry (and that the registry confirms have no
 /// certificate), else none.
@@ -880,31 +859,37 @@ async fn next_attempt(
     ws: &Workspace,
     s: &Settings,
     aws: &Aws,
-    keys: &HashMap<String, Keyed>,
     number: i64,
 ) -> Result<Option<AttemptRow>> {
-    let rows = ledger.devices(&ws.batch)?;
     let chunk = s.chunk_size.max(1);
-    let mut things: Vec<String> = rows
-        .iter()
-        .filter(|r| r.state == state::KEYED)
-        .take(chunk)
-        .map(|r| r.thing_name.clone())
+    let mut things: Vec<String> = ledger
+        .devices_in_state(&ws.batch, state::KEYED, -1, chunk)?
+        .into_iter()
+        .map(|r| r.thing_name)
         .collect();
     if things.is_empty() {
-        let candidates: Vec<&DeviceRow> = rows
-            .iter()
-            .filter(|r| {
-                r.state == state::FAILED
-                    && r.error_class.as_deref().is_some_and(crate::reconcile::is_retryable)
+        let mut candidates: Vec<DeviceRow> = Vec::new();
+        let mut after = -1;
+        while candidates.len() < chunk {
+            let page = ledger.devices_in_state(&ws.batch, state::FAILED, after, PAGE)?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            candidates.extend(page.into_iter().filter(|r| {
+                r.error_class.as_deref().is_some_and(crate::reconcile::is_retryable)
                     && (r.tries as u32) <= s.max_retries
-            })
-            .take(chunk)
-            .collect();
+            }));
+        }
+        candidates.truncate(chunk);
+        let store = KeyStore::open(ws)?;
+        let keys = store.get_many(&names(&candidates))?;
         let mut adopted = Vec::new();
-        for r in candidates {
+        for r in &candidates {
+            let Some(k) = keys.get(&r.thing_name) else {
+                tracing::warn!(thing = %r.thing_name, "not retried: the key store holds no key for it");
+                continue;
+            };
             // A line that failed may still have made a certificate: look first.
-            match lookup_registry(aws, &r.thing_name, &keys[&r.thing_name].key, None).await {
+            match lookup_registry(aws, &r.thing_name, &k.key, None).await {
                 Verdict::Registered {
                     certificate_id,
                     certificate_pem,
@@ -954,14 +939,13 @@ async fn run_attempt(
     s: &Settings,
     aws: &Aws,
     template: &Template,
-    keys: &HashMap<String, Keyed>,
     mut attempt: AttemptRow,
     endpoint: &mut Option<String>,
     t: &mut Timings,
 ) -> Result<()> {
-    let rows = ledger.devices(&ws.batch)?;
-    let in_attempt: Vec<&DeviceRow> = rows.iter().filter(|r| r.attempt == Some(attempt.attempt)).collect();
+    let in_attempt: Vec<DeviceRow> = ledger.devices_of_attempt(&ws.batch, attempt.attempt)?;
     let things: Vec<String> = in_attempt.iter().map(|r| r.thing_name.clone()).collect();
+    let keys = KeyStore::open(ws)?.get_many(&things)?;
 
     // Stage: lines in device order, kept in the workspace, then uploaded.
     let staged_path = ws.work().join(format!("attempt-{}.ndjson", attempt.attempt));
@@ -1044,7 +1028,7 @@ async fn run_attempt(
     }
     let task_id = attempt.task_id.clone().expect("set above");
     // The task registers at AWS's pace: use the time to bundle the previous chunk.
-    bundle_stage(ledger, ws, s, aws, keys, endpoint, t).await?;
+    bundle_stage(ledger, ws, s, aws, endpoint, t).await?;
     if !attempt.task_status.as_deref().is_some_and(crate::register::is_terminal) {
         let end = crate::register::follow(aws, &task_id, lines, deadline).await?;
         crate::failpoint::hit("task-end");
@@ -1081,12 +1065,18 @@ async fn run_attempt(
     let staged: Vec<StagedDevice> = in_attempt
         .iter()
         .enumerate()
-        .map(|(i, r)| StagedDevice {
-            index: i,
-            thing_name: r.thing_name.clone(),
-            key: keys[&r.thing_name].key.clone(),
+        .map(|(i, r)| {
+            Ok(StagedDevice {
+                index: i,
+                thing_name: r.thing_name.clone(),
+                key: keys
+                    .get(&r.thing_name)
+                    .ok_or_else(|| Error::infra(format!("no key for `{}` in the key store", r.thing_name)))?
+                    .key
+                    .clone(),
+            })
         })
-        .collect();
+        .collect::<Result<_>>()?;
     let rec = reconcile(
         &staged,
         template.thing_resource.as_deref(),
@@ -1155,53 +1145,59 @@ fn outcome(thing: &str, verdict: Verdict) -> Outcome {
     }
 }
 
-/// Bundles every registered device that has none yet; durable before the
-/// ledger says "bundled".
+/// Bundles every registered device that has none yet, a page at a time;
+/// each page is durable (one syncfs) before the ledger says "bundled".
 async fn bundle_stage(
     ledger: &mut Ledger,
     ws: &Workspace,
     s: &Settings,
     aws: &Aws,
-    keys: &HashMap<String, Keyed>,
     endpoint: &mut Option<String>,
     t: &mut Timings,
 ) -> Result<()> {
     if s.bundle_format == crate::bundle::BundleFormat::Tar {
         return Ok(()); // one archive at the end: archive_stage
     }
-    let rows = ledger.devices(&ws.batch)?;
-    let to_bundle: Vec<&DeviceRow> = rows.iter().filter(|r| r.state == state::REGISTERED).collect();
-    if to_bundle.is_empty() {
-        return Ok(());
-    }
-    let started = Instant::now();
-    if endpoint.is_none() {
-        *endpoint = Some(crate::sandbox_setup::data_endpoint(aws).await?);
-    }
-    let endpoint = endpoint.as_deref().expect("set above");
-    let (inputs, mut failures) = bundle_inputs(&to_bundle, keys, s, ws, endpoint);
-    // Checking each certificate against its key is CPU work: in parallel.
-    let written: Vec<std::result::Result<(), String>> = inputs
-        .par_iter()
-        .map(|input| {
-            write_bundle(ws, input).map(|_| {
-                crate::failpoint::hit("bundle");
+    let mut store: Option<KeyStore> = None;
+    let mut after = -1;
+    loop {
+        let rows = ledger.devices_in_state(&ws.batch, state::REGISTERED, after, PAGE)?;
+        let Some(last) = rows.last() else { break };
+        after = last.seq;
+        let started = Instant::now();
+        if endpoint.is_none() {
+            *endpoint = Some(crate::sandbox_setup::data_endpoint(aws).await?);
+        }
+        let endpoint = endpoint.as_deref().expect("set above");
+        if store.is_none() {
+            store = Some(KeyStore::open(ws)?);
+        }
+        let keys = store.as_ref().expect("opened above").get_many(&names(&rows))?;
+        let (inputs, mut failures) = bundle_inputs(&rows, &keys, s, ws, endpoint);
+        // Checking each certificate against its key is CPU work: in parallel.
+        let written: Vec<std::result::Result<(), String>> = inputs
+            .par_iter()
+            .map(|input| {
+                write_bundle(ws, input).map(|_| {
+                    crate::failpoint::hit("bundle");
+                })
             })
-        })
-        .collect();
-    let done = sort_bundled(&inputs, written, &mut failures);
-    crate::bundle::sync_bundles(ws).map_err(|e| Error::infra(format!("syncing {}: {e}", ws.bundles().display())))?;
-    crate::failpoint::hit("bundled");
-    ledger.set_state(&ws.batch, &done, state::BUNDLED, None)?;
-    ledger.record_outcomes(&ws.batch, &failures)?;
-    t.add("bundle", started);
+            .collect();
+        let done = sort_bundled(&inputs, written, &mut failures);
+        crate::bundle::sync_bundles(ws)
+            .map_err(|e| Error::infra(format!("syncing {}: {e}", ws.bundles().display())))?;
+        crate::failpoint::hit("bundled");
+        ledger.set_state(&ws.batch, &done, state::BUNDLED, None)?;
+        ledger.record_outcomes(&ws.batch, &failures)?;
+        t.add("bundle", started);
+    }
     Ok(())
 }
 
 /// What each registered device's bundle is made of; devices the ledger
-/// holds no certificate for are failures.
+/// holds no certificate for, or the key store no key, are failures.
 fn bundle_inputs<'a>(
-    rows: &[&'a DeviceRow],
+    rows: &'a [DeviceRow],
     keys: &'a HashMap<String, Keyed>,
     s: &'a Settings,
     ws: &'a Workspace,
@@ -1210,11 +1206,17 @@ fn bundle_inputs<'a>(
     let mut inputs = Vec::new();
     let mut failures = Vec::new();
     for r in rows {
-        let k = &keys[&r.thing_name];
         let (Some(cert_id), Some(cert_pem)) = (&r.certificate_id, &r.certificate_pem) else {
             failures.push(bundle_failure(
                 &r.thing_name,
                 "registered, but the ledger holds no certificate".into(),
+            ));
+            continue;
+        };
+        let Some(k) = keys.get(&r.thing_name) else {
+            failures.push(bundle_failure(
+                &r.thing_name,
+                "registered, but the key store holds no key for it".into(),
             ));
             continue;
         };
@@ -1270,24 +1272,22 @@ fn sort_bundled(
 }
 
 /// The archive format: once every device has its outcome, all registered
-/// devices go into one `bundles.tar`, synced once, before the ledger says
-/// "bundled". A crash before that leaves them registered, and the next pass
-/// writes the archive again from the start.
+/// devices go into one `bundles.tar`, a page at a time, synced once, before
+/// the ledger says "bundled". A crash before that leaves them registered,
+/// and the next pass writes the archive again from the start.
 async fn archive_stage(
     ledger: &mut Ledger,
     ws: &Workspace,
     s: &Settings,
     aws: &Aws,
-    keys: &HashMap<String, Keyed>,
     endpoint: &mut Option<String>,
     t: &mut Timings,
 ) -> Result<()> {
-    let rows = ledger.devices(&ws.batch)?;
-    let to_bundle: Vec<&DeviceRow> = rows.iter().filter(|r| r.state == state::REGISTERED).collect();
-    if to_bundle.is_empty() {
+    let counts = ledger.state_counts(&ws.batch)?;
+    if counts.get(state::REGISTERED).copied().unwrap_or(0) == 0 {
         return Ok(());
     }
-    if rows.iter().any(|r| r.state == state::BUNDLED) {
+    if counts.get(state::BUNDLED).copied().unwrap_or(0) > 0 {
         return Err(Error::infra(format!(
             "{}: some devices are in {} already and others are not; the archive is written once per batch",
             ws.batch,
@@ -1300,16 +1300,26 @@ async fn archive_stage(
     }
     let endpoint = endpoint.as_deref().expect("set above");
     let io = |e: std::io::Error| Error::infra(format!("{}: {e}", ws.dir().join(crate::bundle::ARCHIVE_FILE).display()));
+    let store = KeyStore::open(ws)?;
     let mut archive = crate::bundle::ArchiveWriter::create(ws).map_err(io)?;
-    let (inputs, mut failures) = bundle_inputs(&to_bundle, keys, s, ws, endpoint);
-    let written = archive.append_all(&inputs);
-    let done = sort_bundled(&inputs, written, &mut failures);
+    let mut failures = Vec::new();
+    let mut after = -1;
+    loop {
+        let rows = ledger.devices_in_state(&ws.batch, state::REGISTERED, after, PAGE)?;
+        let Some(last) = rows.last() else { break };
+        after = last.seq;
+        let keys = store.get_many(&names(&rows))?;
+        let (inputs, mut failed) = bundle_inputs(&rows, &keys, s, ws, endpoint);
+        let written = archive.append_all(&inputs);
+        sort_bundled(&inputs, written, &mut failed);
+        failures.extend(failed);
+    }
     crate::failpoint::hit("bundle");
-    let entries = archive.finish().map_err(io)?;
-    write_manifest(ws, &entries, true).map_err(io)?;
+    archive.finish().map_err(io)?;
     crate::failpoint::hit("bundled");
-    ledger.set_state(&ws.batch, &done, state::BUNDLED, None)?;
+    // The failures leave "registered" first; everything still there is in the archive.
     ledger.record_outcomes(&ws.batch, &failures)?;
+    ledger.move_state(&ws.batch, state::REGISTERED, state::BUNDLED)?;
     t.add("bundle", started);
     Ok(())
 }
@@ -1388,31 +1398,20 @@ fn unregistered(thing: &str, hint: Option<String>) -> Verdict {
     }
 }
 
-/// manifest.json: every bundle file with its SHA-256 and size.
-fn write_manifest(ws: &Workspace, entries: &[(String, String, u64)], archive: bool) -> std::io::Result<()> {
-    let mut manifest = serde_json::json!({
-        "batch": ws.batch,
-        "algorithm": "sha256",
-        "files": entries.iter().map(|(p, h, n)| serde_json::json!({"path": p, "sha256": h, "bytes": n})).collect::<Vec<_>>(),
-    });
-    if archive {
-        manifest["archive"] = crate::bundle::ARCHIVE_FILE.into();
-    }
-    write_durable(
-        &ws.dir().join("manifest.json"),
-        format!("{}\n", serde_json::to_string_pretty(&manifest).expect("json")).as_bytes(),
-        0o644,
-    )
-}
-
-/// results.csv, manifest.json and report.json, from the ledger.
+/// results.csv, manifest.json and report.json, from the ledger, one row
+/// at a time.
 pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &Timings) -> Result<Summary> {
-    let rows = ledger.devices(&ws.batch)?;
-    let mut w = csv::Writer::from_writer(Vec::new());
+    let io = |p: &std::path::Path, e: std::io::Error| Error::infra(format!("{}: {e}", p.display()));
+    let results = ws.dir().join("results.csv");
+    let tmp = ws.dir().join(".results.csv.tmp");
+    let file = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
+    let mut w = csv::Writer::from_writer(std::io::BufWriter::with_capacity(1 << 20, file));
+    let csv_err = |e: csv::Error| Error::infra(format!("{}: {e}", tmp.display()));
     w.write_record(["serial_number", "thing_name", "status", "certificate_id", "error"])
-        .map_err(|e| Error::Other(e.into()))?;
-    let (mut registered, mut failed, mut bundled) = (0, 0, 0);
-    for r in &rows {
+        .map_err(csv_err)?;
+    let (mut devices, mut registered, mut failed, mut bundled) = (0, 0, 0, 0);
+    ledger.each_device(&ws.batch, |r| {
+        devices += 1;
         let status = match r.state.as_str() {
             state::BUNDLED => {
                 registered += 1;
@@ -1441,33 +1440,47 @@ pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &T
             r.certificate_id.as_deref().unwrap_or(""),
             error.as_str(),
         ])
-        .map_err(|e| Error::Other(e.into()))?;
-    }
+        .map_err(csv_err)
+    })?;
     let settings: Settings = ledger
         .batch(&ws.batch)?
         .and_then(|b| serde_json::from_str(&b.settings).ok())
         .ok_or_else(|| Error::infra(format!("ledger: no settings for {}", ws.batch)))?;
     for p in &settings.skipped {
-        w.write_record(["", "", "skipped", "", p.as_str()])
-            .map_err(|e| Error::Other(e.into()))?;
+        w.write_record(["", "", "skipped", "", p.as_str()]).map_err(csv_err)?;
     }
-    let csv_bytes = w.into_inner().map_err(|e| Error::Other(anyhow::anyhow!("{e}")))?;
-    let io = |p: &std::path::Path, e: std::io::Error| Error::infra(format!("{}: {e}", p.display()));
-    let results = ws.dir().join("results.csv");
-    write_durable(&results, &csv_bytes, 0o644).map_err(|e| io(&results, e))?;
+    let file = w
+        .into_inner()
+        .map_err(|e| Error::infra(format!("{}: {e}", tmp.display())))?
+        .into_inner()
+        .map_err(|e| io(&tmp, e.into_error()))?;
+    file.sync_all().map_err(|e| io(&tmp, e))?;
+    drop(file);
+    std::fs::rename(&tmp, &results).map_err(|e| io(&results, e))?;
+    crate::workspace::sync_dir(&ws.dir()).map_err(|e| io(&ws.dir(), e))?;
 
-    let mpath = ws.dir().join("manifest.json");
+    let mpath = ws.dir().join(crate::bundle::MANIFEST_FILE);
     let archive = ws.dir().join(crate::bundle::ARCHIVE_FILE).exists();
     // The archive stage wrote the manifest with the archive, from the hashes
     // it took while writing; the directory format is hashed here.
-    if !(archive && mpath.exists()) {
-        let entries = manifest_entries(ws).map_err(|e| io(&ws.bundles(), e))?;
-        write_manifest(ws, &entries, archive).map_err(|e| io(&mpath, e))?;
+    if !archive {
+        let mut bundled_things = Vec::new();
+        let mut after = -1;
+        // The names of a million bundles are a few tens of MB; their files are read one at a time.
+        loop {
+            let page = ledger.devices_in_state(&ws.batch, state::BUNDLED, after, PAGE * 8)?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            bundled_things.extend(page.into_iter().map(|r| r.thing_name));
+        }
+        crate::bundle::write_dir_manifest(ws, bundled_things.into_iter()).map_err(|e| io(&mpath, e))?;
+    } else if !mpath.exists() {
+        crate::bundle::write_archive_manifest(ws).map_err(|e| io(&mpath, e))?;
     }
 
     let report = serde_json::json!({
         "batch": ws.batch,
-        "devices": rows.len(),
+        "devices": devices,
         "registered": registered,
         "failed": failed,
         "bundled": bundled,
@@ -1476,6 +1489,7 @@ pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &T
         "task_ids": task_ids,
         "attempts": ledger.attempts(&ws.batch)?,
         "stage_seconds": t.0,
+        "peak_rss_mib": peak_rss_mib(),
     });
     let rpath = ws.dir().join("report.json");
     write_durable(
@@ -1487,7 +1501,7 @@ pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &T
     Ok(Summary {
         batch: ws.batch.clone(),
         dir: ws.dir(),
-        devices: rows.len(),
+        devices,
         registered,
         failed,
         bundled,
@@ -1498,13 +1512,22 @@ pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &T
     })
 }
 
+/// The process's peak resident memory so far (VmHWM), in MiB.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some((kib / 1024.0 * 10.0).round() / 10.0)
+}
+
 /// The summary of a batch the ledger says is done, without touching anything.
 pub fn finished_summary(ledger: &Ledger, ws: &Workspace) -> Result<Summary> {
-    let rows = ledger.devices(&ws.batch)?;
+    let counts = ledger.state_counts(&ws.batch)?;
+    let count = |st: &str| counts.get(st).copied().unwrap_or(0);
     let attempts: Vec<AttemptRow> = ledger.attempts(&ws.batch)?;
-    let bundled = rows.iter().filter(|r| r.state == state::BUNDLED).count();
-    let registered = bundled + rows.iter().filter(|r| r.state == state::REGISTERED).count();
-    let failed = rows.iter().filter(|r| r.state == state::FAILED).count();
+    let bundled = count(state::BUNDLED);
+    let registered = bundled + count(state::REGISTERED);
+    let failed = count(state::FAILED);
     let skipped = ledger
         .batch(&ws.batch)?
         .and_then(|b| serde_json::from_str::<Settings>(&b.settings).ok())
@@ -1513,7 +1536,7 @@ pub fn finished_summary(ledger: &Ledger, ws: &Workspace) -> Result<Summary> {
     Ok(Summary {
         batch: ws.batch.clone(),
         dir: ws.dir(),
-        devices: rows.len(),
+        devices: counts.values().sum(),
         registered,
         failed,
         bundled,
