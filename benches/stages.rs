@@ -42,8 +42,10 @@ fn devices(n: usize, dir: &std::path::Path) -> (Vec<Device>, PathBuf) {
         skip_invalid: false,
         delimiter: None,
         template_columns: &no_columns,
+        spool_dir: None,
     };
-    (ingest(std::slice::from_ref(&p), &opts).unwrap().devices, p)
+    let spool = ingest(std::slice::from_ref(&p), &opts).unwrap().devices;
+    (spool.iter().map(|d| d.unwrap()).collect(), p)
 }
 
 fn bench_ingest(c: &mut Criterion) {
@@ -77,6 +79,7 @@ fn bench_ingest_rows(c: &mut Criterion, n: usize) {
                 skip_invalid: false,
                 delimiter: None,
                 template_columns: &no_columns,
+                spool_dir: None,
             };
             ingest(std::slice::from_ref(&path), &opts).unwrap().devices.len()
         })

@@ -578,26 +578,12 @@ async fn run_command(args: RunArgs) -> Result<i32> {
             run::check_subjects(&prepared, &wanted)?;
         }
         if fresh && registers && !args.no_preflight {
-            let rows: Vec<crate::preflight::Row<'_>> = prepared
-                .devices
-                .iter()
-                .map(|d| crate::preflight::Row {
-                    device: crate::stage::StoredDevice {
-                        serial: d.serial.clone(),
-                        thing_name: d.thing_name.clone(),
-                        values: d.values.clone(),
-                        device_csr: None,
-                    },
-                    file: &d.file,
-                    line: d.line,
-                })
-                .collect();
             crate::preflight::check(
                 &aws,
                 &prepared.template,
                 &prepared.settings.bucket,
                 &prepared.settings.role_arn,
-                &rows,
+                &prepared.devices,
                 &prepared.settings.parameters,
             )
             .await?;

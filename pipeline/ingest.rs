@@ -2,10 +2,14 @@
 //! every row, and find duplicates across the whole batch.
 //!
 //! Rows are read with the `csv` crate, which keeps each record's line, so a
-//! problem can name file, line and column; batch-wide checks (duplicates)
-//! run on a polars frame. Every problem is collected before anything stops.
+//! problem can name file, line and column. Each device goes into a
+//! [`Spool`] on disk as it is read, never into one big vector: later steps
+//! walk it a page at a time. Batch-wide checks (duplicates) run on a polars
+//! frame of 64-bit hashes, and each group it finds is confirmed against the
+//! rows themselves. Every problem is collected before anything stops.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -71,11 +75,13 @@ pub struct IngestOptions<'a> {
     pub delimiter: Option<u8>,
     /// Columns the template reads beyond the profile's.
     pub template_columns: &'a BTreeSet<String>,
+    /// Where the spool file goes (the output directory); None: the system's temporary directory.
+    pub spool_dir: Option<&'a Path>,
 }
 
 pub struct Ingested {
     pub files: Vec<InputFile>,
-    pub devices: Vec<Device>,
+    pub devices: Spool,
     /// Rows left out under `skip_invalid`, with why.
     pub skipped: Problems,
 }
@@ -88,21 +94,22 @@ pub fn ingest(paths: &[PathBuf], opts: &IngestOptions<'_>) -> Result<Ingested> {
     }
     let mut problems = Problems::default();
     let mut files = Vec::new();
-    let mut devices = Vec::new();
-    // Rows with a problem, by index into `devices` (under skip_invalid they are dropped).
-    let mut bad_rows: BTreeSet<usize> = BTreeSet::new();
+    let mut devices = Spool::create(opts.spool_dir)?;
+    let mut hashes = Hashes::default();
     for path in paths {
         let bytes = std::fs::read(path).map_err(|e| {
             Error::from(Problem::new(format!("cannot read the file: {e}")).file(path.display().to_string()))
         })?;
-        let before = devices.len();
-        match read_file(path, &bytes, opts, &mut devices, &mut problems, &mut bad_rows) {
+        let before = devices.pushed;
+        match read_file(path, &bytes, opts, &mut devices, &mut hashes, &mut problems) {
             Ok(file) => files.push(file),
             Err(p) => problems.push(*p),
         }
-        tracing::debug!(file = %path.display(), rows = devices.len() - before, "read");
+        tracing::debug!(file = %path.display(), rows = devices.pushed - before, "read");
     }
-    find_duplicates(&devices, &mut problems, &mut bad_rows)?;
+    devices.commit()?;
+    find_duplicates(&mut devices, hashes, &mut problems)?;
+    devices.count_good()?;
 
     if problems.is_empty() {
         return Ok(Ingested {
@@ -116,17 +123,266 @@ pub fn ingest(paths: &[PathBuf], opts: &IngestOptions<'_>) -> Result<Ingested> {
     if !opts.skip_invalid || file_level {
         return Err(Error::Input(problems));
     }
-    let devices = devices
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| !bad_rows.contains(i))
-        .map(|(_, d)| d)
-        .collect();
     Ok(Ingested {
         files,
         devices,
         skipped: problems,
     })
+}
+
+/// The 64-bit hash of a key, for the duplicate check (groups are confirmed
+/// on the values themselves, so a collision costs a lookup, never a false report).
+fn hash64(key: &str) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// One key's hashes and the rows they came from.
+type Keyed64 = (Vec<u64>, Vec<u32>);
+
+/// The keys of every row, hashed: all the duplicate check holds in memory
+/// (12 bytes a row and key).
+#[derive(Default)]
+struct Hashes {
+    serial: Keyed64,
+    thing: Keyed64,
+    csr: Keyed64,
+}
+
+/// The devices of a batch after ingest, in row order, kept in a temporary
+/// SQLite file (deleted when the spool is dropped) rather than in memory.
+/// Rows with a problem stay in the file, marked, and are never returned.
+pub struct Spool {
+    conn: rusqlite::Connection,
+    _path: tempfile::TempPath,
+    files: Vec<Arc<str>>,
+    /// Rows pushed, good or bad.
+    pushed: usize,
+    good: usize,
+    with_csr: usize,
+}
+
+/// A row as the duplicate check needs it.
+struct Light {
+    file: Arc<str>,
+    line: u64,
+    serial: String,
+    thing_name: String,
+    csr: Option<String>,
+}
+
+fn spool_err(e: rusqlite::Error) -> Error {
+    Error::infra(format!("the ingest spool: {e}"))
+}
+
+impl Spool {
+    fn create(dir: Option<&Path>) -> Result<Spool> {
+        let dir = dir.map(Path::to_path_buf).unwrap_or_else(std::env::temp_dir);
+        let path = tempfile::Builder::new()
+            .prefix(".provline-ingest-")
+            .suffix(".sqlite")
+            .tempfile_in(&dir)
+            .map_err(|e| Error::infra(format!("cannot make the ingest spool in {}: {e}", dir.display())))?
+            .into_temp_path();
+        let conn = rusqlite::Connection::open(&path).map_err(spool_err)?;
+        // Scratch data, rebuilt from the CSVs on any failure: no journal, no sync.
+        conn.execute_batch(
+            "PRAGMA journal_mode = OFF;
+             PRAGMA synchronous = OFF;
+             CREATE TABLE rows (
+                 seq        INTEGER PRIMARY KEY,
+                 file       INTEGER NOT NULL,
+                 line       INTEGER NOT NULL,
+                 serial     TEXT NOT NULL,
+                 thing_name TEXT NOT NULL,
+                 vals       TEXT NOT NULL,
+                 csr        TEXT,
+                 bad        INTEGER NOT NULL
+             );
+             BEGIN;",
+        )
+        .map_err(spool_err)?;
+        Ok(Spool {
+            conn,
+            _path: path,
+            files: Vec::new(),
+            pushed: 0,
+            good: 0,
+            with_csr: 0,
+        })
+    }
+
+    fn push(&mut self, d: &Device, bad: bool) -> Result<usize> {
+        let file = match self
+            .files
+            .iter()
+            .rposition(|f| Arc::ptr_eq(f, &d.file) || **f == *d.file)
+        {
+            Some(i) => i,
+            None => {
+                self.files.push(d.file.clone());
+                self.files.len() - 1
+            }
+        };
+        let seq = self.pushed;
+        let vals = serde_json::to_string(&d.values).map_err(|e| Error::Other(e.into()))?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO rows (seq, file, line, serial, thing_name, vals, csr, bad) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .and_then(|mut st| {
+                st.execute(rusqlite::params![
+                    seq as i64,
+                    file as i64,
+                    d.line as i64,
+                    d.serial,
+                    d.thing_name,
+                    vals,
+                    d.csr.as_ref().map(|c| c.pem.as_str()),
+                    bad as i64
+                ])
+            })
+            .map_err(spool_err)?;
+        self.pushed += 1;
+        Ok(seq)
+    }
+
+    fn commit(&mut self) -> Result<()> {
+        self.conn.execute_batch("COMMIT").map_err(spool_err)
+    }
+
+    fn mark_bad(&self, seq: usize) -> Result<()> {
+        self.conn
+            .prepare_cached("UPDATE rows SET bad = 1 WHERE seq = ?1")
+            .and_then(|mut st| st.execute([seq as i64]))
+            .map(|_| ())
+            .map_err(spool_err)
+    }
+
+    fn count_good(&mut self) -> Result<()> {
+        let (good, csr): (i64, i64) = self
+            .conn
+            .query_row("SELECT count(*), count(csr) FROM rows WHERE bad = 0", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(spool_err)?;
+        self.good = good as usize;
+        self.with_csr = csr as usize;
+        Ok(())
+    }
+
+    fn light(&self, seq: u32) -> Result<Light> {
+        self.conn
+            .prepare_cached("SELECT file, line, serial, thing_name, csr FROM rows WHERE seq = ?1")
+            .and_then(|mut st| {
+                st.query_row([seq as i64], |r| {
+                    Ok(Light {
+                        file: self.files[r.get::<_, i64>(0)? as usize].clone(),
+                        line: r.get::<_, i64>(1)? as u64,
+                        serial: r.get(2)?,
+                        thing_name: r.get(3)?,
+                        csr: r.get(4)?,
+                    })
+                })
+            })
+            .map_err(spool_err)
+    }
+
+    /// The good devices: how many.
+    pub fn len(&self) -> usize {
+        self.good
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.good == 0
+    }
+
+    /// How many of them carry a CSR made on the device.
+    pub fn with_device_csr(&self) -> usize {
+        self.with_csr
+    }
+
+    /// Up to `limit` good devices after row `after` (-1: from the start);
+    /// returns them with the row number of the last.
+    fn page(&self, after: i64, limit: usize) -> Result<(Vec<Device>, i64)> {
+        let mut st = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, file, line, serial, thing_name, vals, csr FROM rows WHERE seq > ?1 AND bad = 0 ORDER BY seq LIMIT ?2",
+            )
+            .map_err(spool_err)?;
+        let mut rows = st.query(rusqlite::params![after, limit as i64]).map_err(spool_err)?;
+        let mut out = Vec::with_capacity(limit.min(4096));
+        let mut last = after;
+        while let Some(r) = rows.next().map_err(spool_err)? {
+            last = r.get(0).map_err(spool_err)?;
+            let file = self.files[r.get::<_, i64>(1).map_err(spool_err)? as usize].clone();
+            let vals: String = r.get(5).map_err(spool_err)?;
+            let csr: Option<String> = r.get(6).map_err(spool_err)?;
+            out.push(Device {
+                serial: r.get(3).map_err(spool_err)?,
+                thing_name: r.get(4).map_err(spool_err)?,
+                values: serde_json::from_str(&vals).map_err(|e| Error::infra(format!("the ingest spool: {e}")))?,
+                line: r.get::<_, i64>(2).map_err(spool_err)? as u64,
+                csr: match csr {
+                    Some(pem) => Some(
+                        check_csr(&pem)
+                            .map_err(|e| Error::infra(format!("{file}: a device CSR read back from the spool: {e}")))?,
+                    ),
+                    None => None,
+                },
+                file,
+            });
+        }
+        Ok((out, last))
+    }
+
+    /// Every good device in row order, read back a page at a time.
+    pub fn iter(&self) -> SpoolIter<'_> {
+        SpoolIter {
+            spool: self,
+            buf: Vec::new().into_iter(),
+            after: -1,
+            done: false,
+        }
+    }
+}
+
+pub struct SpoolIter<'a> {
+    spool: &'a Spool,
+    buf: std::vec::IntoIter<Device>,
+    after: i64,
+    done: bool,
+}
+
+impl Iterator for SpoolIter<'_> {
+    type Item = Result<Device>;
+
+    fn next(&mut self) -> Option<Result<Device>> {
+        loop {
+            if let Some(d) = self.buf.next() {
+                return Some(Ok(d));
+            }
+            if self.done {
+                return None;
+            }
+            match self.spool.page(self.after, 4096) {
+                Ok((page, _)) if page.is_empty() => {
+                    self.done = true;
+                    return None;
+                }
+                Ok((page, last)) => {
+                    self.after = last;
+                    self.buf = page.into_iter();
+                }
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e));
+                }
+            }
+        }
+    }
 }
 
 fn detect_delimiter(text: &str) -> u8 {
@@ -156,9 +412,9 @@ fn read_file(
     path: &Path,
     bytes: &[u8],
     opts: &IngestOptions<'_>,
-    devices: &mut Vec<Device>,
+    devices: &mut Spool,
+    hashes: &mut Hashes,
     problems: &mut Problems,
-    bad_rows: &mut BTreeSet<usize>,
 ) -> std::result::Result<InputFile, Box<Problem>> {
     let display: Arc<str> = path.display().to_string().into();
     let at = |line: u64| Problem::new("").file(display.to_string()).line(line);
@@ -307,7 +563,6 @@ fn read_file(
             });
             continue;
         }
-        let index = devices.len();
         let mut row_bad = false;
         let mut values = BTreeMap::new();
         let mut csr = None;
@@ -364,17 +619,30 @@ fn read_file(
                 row_bad = true;
             }
         }
-        if row_bad {
-            bad_rows.insert(index);
-        }
-        devices.push(Device {
+        let device = Device {
             serial,
             thing_name,
             values,
             file: display.clone(),
             line,
             csr,
-        });
+        };
+        let seq = devices.push(&device, row_bad).map_err(|e| Problem {
+            message: e.to_string(),
+            ..at(line)
+        })? as u32;
+        if !device.serial.is_empty() {
+            hashes.serial.0.push(hash64(&device.serial));
+            hashes.serial.1.push(seq);
+        }
+        if !device.thing_name.is_empty() {
+            hashes.thing.0.push(hash64(&device.thing_name));
+            hashes.thing.1.push(seq);
+        }
+        if let Some(c) = &device.csr {
+            hashes.csr.0.push(hash64(&c.pem));
+            hashes.csr.1.push(seq);
+        }
     }
     if rows == 0 {
         return Err(Box::new(Problem {
@@ -391,79 +659,81 @@ fn read_file(
 }
 
 /// Rows that share a serial number, a thing name or a device CSR.
-fn find_duplicates(devices: &[Device], problems: &mut Problems, bad_rows: &mut BTreeSet<usize>) -> Result<()> {
-    type KeyOf = Box<dyn Fn(&Device) -> Option<String>>;
-    let checks: [(&str, &str, KeyOf); 3] = [
+fn find_duplicates(devices: &mut Spool, hashes: Hashes, problems: &mut Problems) -> Result<()> {
+    type KeyOf = fn(&Light) -> Option<String>;
+    let checks: [(&str, &str, KeyOf, Keyed64); 3] = [
         (
             "serial_number",
             "serial number",
-            Box::new(|d: &Device| Some(d.serial.clone()).filter(|s| !s.is_empty())),
+            |d| Some(d.serial.clone()).filter(|s| !s.is_empty()),
+            hashes.serial,
         ),
         (
             "thing name",
             "thing name",
-            Box::new(|d: &Device| Some(d.thing_name.clone()).filter(|s| !s.is_empty())),
+            |d| Some(d.thing_name.clone()).filter(|s| !s.is_empty()),
+            hashes.thing,
         ),
-        (
-            "csr",
-            "device CSR",
-            Box::new(|d: &Device| d.csr.as_ref().map(|c| sha256_hex(&c.der))),
-        ),
+        ("csr", "device CSR", |d| d.csr.clone(), hashes.csr),
     ];
     let mut seen_pairs = BTreeSet::new();
-    for (column, what, key_of) in checks.iter() {
-        let mut keys = Vec::with_capacity(devices.len());
-        let mut rows = Vec::with_capacity(devices.len());
-        for (i, d) in devices.iter().enumerate() {
-            if let Some(k) = key_of(d) {
-                keys.push(k);
-                rows.push(i as u32);
-            }
-        }
-        for group in duplicate_groups(keys, rows).map_err(|e| anyhow::anyhow!("duplicate check: {e}"))? {
-            // The serial check already names rows whose thing names collide for the same reason.
-            if !seen_pairs.insert(group.clone()) {
-                continue;
-            }
-            let first = &devices[group[0]];
-            let places: Vec<String> = group
+    for (column, what, key_of, (keys, rows)) in checks {
+        let candidates = duplicate_groups(keys, rows).map_err(|e| anyhow::anyhow!("duplicate check: {e}"))?;
+        for candidate in candidates {
+            // Equal hashes: group the rows by their actual key.
+            let lights: Vec<(usize, Light)> = candidate
                 .iter()
-                .map(|&i| format!("{}:{}", devices[i].file, devices[i].line))
-                .collect();
-            for &i in &group {
-                let d = &devices[i];
-                let others: Vec<&String> = places
+                .map(|&i| devices.light(i as u32).map(|l| (i, l)))
+                .collect::<Result<_>>()?;
+            let mut exact: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+            for (pos, (_, l)) in lights.iter().enumerate() {
+                if let Some(k) = key_of(l) {
+                    exact.entry(k).or_default().push(pos);
+                }
+            }
+            for members in exact.into_values().filter(|m| m.len() > 1) {
+                let group: Vec<usize> = members.iter().map(|&p| lights[p].0).collect();
+                // The serial check already names rows whose thing names collide for the same reason.
+                if !seen_pairs.insert(group.clone()) {
+                    continue;
+                }
+                let first = &lights[members[0]].1;
+                let places: Vec<String> = members
                     .iter()
-                    .zip(&group)
-                    .filter(|(_, &j)| j != i)
-                    .map(|(p, _)| p)
+                    .map(|&p| format!("{}:{}", lights[p].1.file, lights[p].1.line))
                     .collect();
-                let shown = if *column == "csr" {
-                    String::new()
-                } else if *column == "thing name" {
-                    format!(" `{}`", first.thing_name)
-                } else {
-                    format!(" `{}`", first.serial)
-                };
-                problems.push(
-                    Problem::new(format!(
-                        "duplicate {what}{shown}: also on {}",
-                        others.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
-                    ))
-                    .file(d.file.to_string())
-                    .line(d.line)
-                    .column(column.to_string()),
-                );
-                bad_rows.insert(i);
+                for (k, &p) in members.iter().enumerate() {
+                    let d = &lights[p].1;
+                    let others: Vec<&str> = places
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| *j != k)
+                        .map(|(_, s)| s.as_str())
+                        .collect();
+                    let shown = if column == "csr" {
+                        String::new()
+                    } else if column == "thing name" {
+                        format!(" `{}`", first.thing_name)
+                    } else {
+                        format!(" `{}`", first.serial)
+                    };
+                    problems.push(
+                        Problem::new(format!("duplicate {what}{shown}: also on {}", others.join(", ")))
+                            .file(d.file.to_string())
+                            .line(d.line)
+                            .column(column.to_string()),
+                    );
+                    devices.mark_bad(lights[p].0)?;
+                }
             }
         }
     }
     Ok(())
 }
 
-/// Groups of row indices that share a key, each group in row order, found
-/// with a polars group-by so that a million-row batch stays fast.
-fn duplicate_groups(keys: Vec<String>, rows: Vec<u32>) -> PolarsResult<Vec<Vec<usize>>> {
+/// Groups of row indices that share a key hash, each group in row order,
+/// found with a polars group-by so that a million-row batch stays fast.
+fn duplicate_groups(keys: Vec<u64>, rows: Vec<u32>) -> PolarsResult<Vec<Vec<usize>>> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }
@@ -480,13 +750,13 @@ fn duplicate_groups(keys: Vec<String>, rows: Vec<u32>) -> PolarsResult<Vec<Vec<u
         .select([col("key"), col("row")])
         .sort(["row"], Default::default())
         .collect()?;
-    let key_col = out.column("key")?.str()?.clone();
+    let key_col = out.column("key")?.u64()?.clone();
     let row_col = out.column("row")?.u32()?.clone();
     let mut groups: Vec<Vec<usize>> = Vec::new();
-    let mut by_key: HashMap<String, usize> = HashMap::new();
+    let mut by_key: HashMap<u64, usize> = HashMap::new();
     for (k, r) in key_col.iter().zip(row_col.iter()) {
         let (Some(k), Some(r)) = (k, r) else { continue };
-        let g = *by_key.entry(k.to_string()).or_insert_with(|| {
+        let g = *by_key.entry(k).or_insert_with(|| {
             groups.push(Vec::new());
             groups.len() - 1
         });
@@ -508,7 +778,7 @@ mod tests {
 
     #[test]
     fn duplicate_groups_are_in_row_order() {
-        let keys = ["a", "b", "a", "c", "b", "a"].map(String::from).to_vec();
+        let keys = [7u64, 9, 7, 3, 9, 7].to_vec();
         let rows = (0..6).collect();
         let g = duplicate_groups(keys, rows).unwrap();
         assert_eq!(g, vec![vec![0, 2, 5], vec![1, 4]]);

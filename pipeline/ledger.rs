@@ -138,10 +138,10 @@ pub struct DeviceRow {
 }
 
 /// A new device for the ledger.
-pub struct NewDevice<'a> {
-    pub serial: &'a str,
-    pub thing_name: &'a str,
-    pub file: &'a str,
+pub struct NewDevice {
+    pub serial: String,
+    pub thing_name: String,
+    pub file: String,
     pub line: u64,
     pub fingerprint: String,
     pub record: String,
@@ -223,13 +223,13 @@ impl Ledger {
     }
 
     /// Records a new batch with its inputs and devices, all or nothing.
-    pub fn create_batch<'a>(
+    pub fn create_batch(
         &mut self,
         id: &str,
         digest: &str,
         settings: &str,
         inputs: &[(String, String, usize)],
-        devices: impl IntoIterator<Item = NewDevice<'a>>,
+        devices: impl IntoIterator<Item = Result<NewDevice>>,
     ) -> Result<()> {
         let tx = self.conn.transaction().map_err(db_err)?;
         tx.execute(
@@ -252,6 +252,7 @@ impl Ledger {
                 )
                 .map_err(db_err)?;
             for (seq, d) in devices.into_iter().enumerate() {
+                let d = d?;
                 st.execute(params![
                     id,
                     seq as i64,

@@ -48,10 +48,11 @@ pub fn lint_file(path: &Path, profile: &Profile, thing_name: Option<&str>) -> Ve
             skip_invalid: false,
             delimiter: profile.delimiter,
             template_columns: &Default::default(),
+            spool_dir: None,
         };
         return match ingest(&[path.to_path_buf()], &opts) {
             Ok(i) => {
-                let csrs = i.devices.iter().filter(|d| d.csr.is_some()).count();
+                let csrs = i.devices.with_device_csr();
                 Verdict::Ok(format!("{} devices ({} with a device CSR)", i.devices.len(), csrs))
             }
             Err(crate::error::Error::Input(p)) => Verdict::Bad(p),

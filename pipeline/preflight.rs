@@ -9,14 +9,22 @@ use serde_json::Value;
 
 use crate::aws::{describe, Aws};
 use crate::error::{Error, Problem, Problems, Result};
+use crate::ingest::Spool;
 use crate::stage::{registration_line, Credential, StoredDevice};
 use crate::template::Template;
 
 /// A device as pre-flight sees it: its row and where it came from.
-pub struct Row<'a> {
-    pub device: StoredDevice,
-    pub file: &'a str,
-    pub line: u64,
+fn row_of(d: crate::ingest::Device) -> (StoredDevice, std::sync::Arc<str>, u64) {
+    (
+        StoredDevice {
+            serial: d.serial,
+            thing_name: d.thing_name,
+            values: d.values,
+            device_csr: None,
+        },
+        d.file,
+        d.line,
+    )
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -57,29 +65,41 @@ fn resolve(
     }
 }
 
-/// Where a name is used: file and line of each row.
-type Uses = BTreeMap<(Kind, String), Vec<(String, u64)>>;
+/// Where a name is used: how many rows, and the file and line of the first
+/// few (all that a message shows, however large the batch).
+#[derive(Default)]
+struct UseList {
+    count: usize,
+    first: Vec<(String, u64)>,
+}
+
+const SHOWN: usize = 10;
+
+type Uses = BTreeMap<(Kind, String), UseList>;
 
 /// Every (kind, name) the lines use, with the rows that use it.
-fn names_used(template: &Template, rows: &[Row<'_>], mapping: &BTreeMap<String, String>) -> Result<Uses> {
+fn names_used(template: &Template, rows: &Spool, mapping: &BTreeMap<String, String>) -> Result<Uses> {
     let body: Value = serde_json::from_str(&template.body).map_err(|e| Error::Other(e.into()))?;
     let resources = &body["Resources"];
     let thing = template.thing_resource.as_ref().map(|r| &resources[r]["Properties"]);
     let policy = template.policy_resource.as_ref().map(|r| &resources[r]["Properties"]);
     let mut used: Uses = BTreeMap::new();
-    for row in rows {
+    for row in rows.iter() {
+        let (device, file, line_no) = row_of(row?);
         let cred = Credential {
             csr_pem: "",
             certificate_pem: Some(""),
             ca_pem: Some(""),
         };
-        let text = registration_line(template, &row.device, &cred, mapping).map_err(Error::config)?;
+        let text = registration_line(template, &device, &cred, mapping).map_err(Error::config)?;
         let line: serde_json::Map<String, Value> = serde_json::from_str(&text).map_err(|e| Error::Other(e.into()))?;
         let mut add = |kind: Kind, v: &Value| {
             if let Some(name) = resolve(v, &line, &template.parameters).filter(|n| !n.is_empty()) {
-                used.entry((kind, name))
-                    .or_default()
-                    .push((row.file.to_string(), row.line));
+                let u = used.entry((kind, name)).or_default();
+                u.count += 1;
+                if u.first.len() < SHOWN {
+                    u.first.push((file.to_string(), line_no));
+                }
             }
         };
         if let Some(t) = thing {
@@ -187,7 +207,7 @@ pub async fn check(
     template: &Template,
     bucket: &str,
     role_arn: &str,
-    rows: &[Row<'_>],
+    rows: &Spool,
     mapping: &BTreeMap<String, String>,
 ) -> Result<()> {
     let mut problems = Problems::default();
@@ -259,13 +279,13 @@ pub async fn check(
         match found {
             Ok(()) => {}
             Err(text) if text.contains("ResourceNotFound") => {
-                let shown: Vec<String> = lines.iter().take(10).map(|(f, l)| format!("{f}:{l}")).collect();
-                let more = if lines.len() > 10 {
-                    format!(" and {} more", lines.len() - 10)
+                let shown: Vec<String> = lines.first.iter().map(|(f, l)| format!("{f}:{l}")).collect();
+                let more = if lines.count > SHOWN {
+                    format!(" and {} more", lines.count - SHOWN)
                 } else {
                     String::new()
                 };
-                let fix = if lines.len() == rows.len() {
+                let fix = if lines.count == rows.len() {
                     "Create it first, or name another in the template or profile (or with --policy)"
                 } else {
                     "Create it first, or correct the rows"
@@ -273,9 +293,9 @@ pub async fn check(
                 problems.push(Problem::new(format!(
                     "{} `{name}` does not exist in the account; {} line{} use{} it: {}{more}. {fix}",
                     kind.noun(),
-                    lines.len(),
-                    if lines.len() == 1 { "" } else { "s" },
-                    if lines.len() == 1 { "s" } else { "" },
+                    lines.count,
+                    if lines.count == 1 { "" } else { "s" },
+                    if lines.count == 1 { "s" } else { "" },
                     shown.join(", ")
                 )));
             }
@@ -297,14 +317,19 @@ pub async fn check(
 
 /// Things that already exist with a certificate attached: registering them
 /// again would give each a second certificate.
-async fn existing_things(aws: &Aws, rows: &[Row<'_>], problems: &mut Problems) -> Result<()> {
+async fn existing_things(aws: &Aws, rows: &Spool, problems: &mut Problems) -> Result<()> {
     const AT_ONCE: usize = 16;
-    let mut found: Vec<(usize, usize)> = Vec::new();
-    for (chunk_no, chunk) in rows.chunks(AT_ONCE).enumerate() {
+    let mut found: Vec<(crate::ingest::Device, usize)> = Vec::new();
+    let mut all = rows.iter();
+    loop {
+        let chunk: Vec<crate::ingest::Device> = all.by_ref().take(AT_ONCE).collect::<Result<_>>()?;
+        if chunk.is_empty() {
+            break;
+        }
         let mut set = tokio::task::JoinSet::new();
         for (i, row) in chunk.iter().enumerate() {
             let aws = aws.clone();
-            let name = row.device.thing_name.clone();
+            let name = row.thing_name.clone();
             set.spawn(async move {
                 let r = aws.iot.list_thing_principals().thing_name(&name).send().await;
                 (
@@ -314,28 +339,34 @@ async fn existing_things(aws: &Aws, rows: &[Row<'_>], problems: &mut Problems) -
                 )
             });
         }
+        let mut hits = Vec::new();
         while let Some(joined) = set.join_next().await {
             let (i, r) = joined.map_err(|e| Error::Other(e.into()))?;
             match r {
                 Ok(0) => {}
-                Ok(n) => found.push((chunk_no * AT_ONCE + i, n)),
+                Ok(n) => hits.push((i, n)),
                 Err(text) if text.contains("ResourceNotFound") => {}
                 Err(text) => return Err(Error::infra(format!("checking whether things exist: {text}"))),
             }
         }
+        hits.sort();
+        let mut chunk: Vec<Option<crate::ingest::Device>> = chunk.into_iter().map(Some).collect();
+        for (i, n) in hits {
+            if let Some(d) = chunk[i].take() {
+                found.push((d, n));
+            }
+        }
     }
-    found.sort();
-    for (i, n) in found {
-        let row = &rows[i];
+    for (row, n) in found {
         problems.push(
             Problem::new(format!(
                 "thing `{}` already exists in the account with {n} certificate{} attached; registering it again would give it another. Remove the row, or retire the old certificate first (--no-preflight skips this check)",
-                row.device.thing_name,
+                row.thing_name,
                 if n == 1 { "" } else { "s" }
             ))
             .file(row.file.to_string())
             .line(row.line)
-            .device(row.device.thing_name.clone()),
+            .device(row.thing_name.clone()),
         );
     }
     Ok(())

@@ -7,10 +7,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use rayon::prelude::*;
+use sha2::Digest;
 
 use crate::aws::{describe, Aws};
 use crate::bundle::{write_bundle, BundleInput};
-use crate::crypto::{sha256_hex, KeyId};
+use crate::crypto::KeyId;
 use crate::error::{exit, Error, Problem, Problems, Result};
 use crate::ingest::{ingest, IngestOptions};
 use crate::keygen::{generate_all, KeyType, Keyed};
@@ -220,7 +221,8 @@ pub fn lock_out_dir(out: &std::path::Path) -> Result<DirLock> {
 pub struct Prepared {
     pub settings: Settings,
     pub template: Template,
-    pub devices: Vec<crate::ingest::Device>,
+    /// The rows, on disk: walk them with `devices.iter()`.
+    pub devices: crate::ingest::Spool,
     pub files: Vec<crate::ingest::InputFile>,
     pub skipped: Problems,
     pub batch: String,
@@ -310,15 +312,35 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
             skip_invalid: opts.skip_invalid,
             delimiter: opts.delimiter.or(profile.delimiter),
             template_columns: &template_columns,
+            // Beside the output (the nearest directory that exists), not in a
+            // temporary directory that may be memory.
+            spool_dir: opts.out.ancestors().find(|a| a.is_dir()),
         },
     )?;
     if ingested.devices.is_empty() && !ingested.skipped.is_empty() {
         // --skip-invalid, and no row was valid: say why each was skipped.
         return Err(Error::Input(ingested.skipped));
     }
+    // One pass over the spool: the columns present, every certificate
+    // subject (own CA), and the digest of the rows.
     let mut columns = BTreeSet::new();
-    for d in &ingested.devices {
+    let mut subject_problems = Problems::default();
+    let mut rows_digest = sha2::Sha256::new();
+    for d in ingested.devices.iter() {
+        let d = d?;
         columns.extend(d.values.keys().cloned());
+        if ca.is_some() {
+            if let Err(e) = profile.certificate.subject_for(&d.thing_name, &d.values) {
+                subject_problems.push(
+                    Problem::new(format!("certificate subject: {e}"))
+                        .file(d.file.to_string())
+                        .line(d.line)
+                        .device(d.thing_name.clone()),
+                );
+            }
+        }
+        rows_digest.update(d.fingerprint().as_bytes());
+        rows_digest.update(b"\n");
     }
     let optional: BTreeSet<String> = profile
         .columns
@@ -366,27 +388,12 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
     };
     if let Some(ca) = &ca {
         // Every subject must be makeable before anything is signed.
-        let mut problems = Problems::default();
-        for d in &ingested.devices {
-            if let Err(e) = profile.certificate.subject_for(&d.thing_name, &d.values) {
-                problems.push(
-                    Problem::new(format!("certificate subject: {e}"))
-                        .file(d.file.to_string())
-                        .line(d.line)
-                        .device(d.thing_name.clone()),
-                );
-            }
-        }
-        problems.into_result()?;
+        subject_problems.into_result()?;
         tracing::debug!(ca = %ca.id, "factory CA loaded");
     }
     // The batch is what is registered: the rows (after skipping), how keys
     // and names are made, and the template. Same inputs, same batch.
     let mut h = String::new();
-    for d in &ingested.devices {
-        h.push_str(&d.fingerprint());
-        h.push('\n');
-    }
     h.push_str(settings.key_type.as_str());
     h.push('\n');
     if settings.mode != Mode::AwsCsr {
@@ -398,7 +405,8 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
         h.push('\n');
     }
     h.push_str(&settings.template_body);
-    let digest = sha256_hex(h.as_bytes());
+    rows_digest.update(h.as_bytes());
+    let digest = hex::encode(rows_digest.finalize());
     let batch = format!("batch-{}", &digest[..12]);
     Ok(Prepared {
         settings,
@@ -417,9 +425,10 @@ pub fn plan(p: &Prepared, out: &std::path::Path) -> serde_json::Value {
         .devices
         .iter()
         .take(5)
+        .filter_map(|d| d.ok())
         .map(|d| serde_json::json!({"thing_name": d.thing_name, "serial_number": d.serial, "from": format!("{}:{}", d.file, d.line), "device_csr": d.csr.is_some()}))
         .collect();
-    let device_csrs = p.devices.iter().filter(|d| d.csr.is_some()).count();
+    let device_csrs = p.devices.with_device_csr();
     serde_json::json!({
         "batch": p.batch,
         "out": out.join(&p.batch),
@@ -462,7 +471,8 @@ fn template_key(s: &Settings, batch: &str, attempt: i64) -> String {
 /// thing name with other data, or a device already provisioned.
 pub fn check_conflicts(ledger: &Ledger, p: &Prepared) -> Result<()> {
     let mut problems = Problems::default();
-    for d in &p.devices {
+    for d in p.devices.iter() {
+        let d = d?;
         for (other, row) in ledger.earlier(&p.batch, &d.serial, &d.thing_name)? {
             let live = matches!(
                 row.state.as_str(),
@@ -522,19 +532,23 @@ pub fn record_batch(ledger: &mut Ledger, p: &Prepared) -> Result<bool> {
         .map(|f| (f.path.display().to_string(), f.sha256.clone(), f.rows))
         .collect();
     // Each record is made as it is inserted, never all at once.
-    let new = p.devices.iter().map(|d| NewDevice {
-        serial: &d.serial,
-        thing_name: &d.thing_name,
-        file: &d.file,
-        line: d.line,
-        fingerprint: d.fingerprint(),
-        record: serde_json::to_string(&StoredDevice {
+    let new = p.devices.iter().map(|d| {
+        let d = d?;
+        let record = serde_json::to_string(&StoredDevice {
             serial: d.serial.clone(),
             thing_name: d.thing_name.clone(),
             values: d.values.clone(),
             device_csr: d.csr.as_ref().map(|c| c.pem.clone()),
         })
-        .expect("a stored device serialises"),
+        .expect("a stored device serialises");
+        Ok(NewDevice {
+            fingerprint: d.fingerprint(),
+            serial: d.serial,
+            thing_name: d.thing_name,
+            file: d.file.to_string(),
+            line: d.line,
+            record,
+        })
     });
     ledger.create_batch(&p.batch, &p.digest, &settings, &inputs, new)?;
     Ok(true)
@@ -675,7 +689,8 @@ fn keygen_stage(
 /// profile) must have each field the CA's template reads without a Default.
 pub fn check_subjects(p: &Prepared, wanted: &[(String, bool)]) -> Result<()> {
     let mut problems = Problems::default();
-    for d in &p.devices {
+    for d in p.devices.iter() {
+        let d = d?;
         let Ok(subject) = p.settings.certificate.subject_for(&d.thing_name, &d.values) else {
             continue; // reported by prepare
         };
