@@ -167,6 +167,23 @@ pub fn bundle_files(b: &BundleInput<'_>) -> Result<Vec<BundleFile>, String> {
     Ok(files)
 }
 
+/// A bundle file with its SHA-256; the two Amazon roots, the same in every
+/// bundle, are hashed once per process.
+fn hashed(file: BundleFile) -> (BundleFile, String) {
+    static ROOTS: OnceLock<Option<(String, String)>> = OnceLock::new();
+    let roots = ROOTS.get_or_init(|| {
+        amazon_roots()
+            .ok()
+            .map(|(ca1, ca3)| (sha256_hex(ca1.as_bytes()), sha256_hex(ca3.as_bytes())))
+    });
+    let sha = match (file.0, roots, amazon_roots()) {
+        (ROOT_CA1_FILE, Some((h1, _)), Ok((ca1, _))) if file.1 == ca1.as_bytes() => h1.clone(),
+        (ROOT_CA3_FILE, Some((_, h3)), Ok((_, ca3))) if file.1 == ca3.as_bytes() => h3.clone(),
+        _ => sha256_hex(&file.1),
+    };
+    (file, sha)
+}
+
 /// Writes one bundle into a temporary directory and renames it into place;
 /// returns the files written with their SHA-256. Nothing is synced here:
 /// [`sync_bundles`] makes a whole set durable at once.
@@ -310,15 +327,18 @@ impl ArchiveWriter {
         self.append_files(b.thing_name, files)
     }
 
-    /// Appends many bundles: checked and formatted in parallel, a slice at a
-    /// time, and written in order. One result per input.
+    /// Appends many bundles: checked, formatted and hashed in parallel, a
+    /// slice at a time, and written in order. One result per input.
     pub fn append_all(&mut self, inputs: &[BundleInput<'_>]) -> Vec<Result<(), String>> {
         use rayon::prelude::*;
         let mut out = Vec::with_capacity(inputs.len());
         for slice in inputs.chunks(4096) {
-            let made: Vec<_> = slice.par_iter().map(bundle_files).collect();
+            let made: Vec<_> = slice
+                .par_iter()
+                .map(|b| bundle_files(b).map(|files| files.into_iter().map(hashed).collect::<Vec<_>>()))
+                .collect();
             for (input, files) in slice.iter().zip(made) {
-                out.push(files.and_then(|f| self.append_files(input.thing_name, f)));
+                out.push(files.and_then(|f| self.append_hashed(input.thing_name, f)));
             }
         }
         out
@@ -326,8 +346,12 @@ impl ArchiveWriter {
 
     /// Appends the files [`bundle_files`] made for a device.
     pub fn append_files(&mut self, thing_name: &str, files: Vec<BundleFile>) -> Result<(), String> {
+        self.append_hashed(thing_name, files.into_iter().map(hashed).collect())
+    }
+
+    fn append_hashed(&mut self, thing_name: &str, files: Vec<(BundleFile, String)>) -> Result<(), String> {
         let dir = format!("bundles/{}", crate::workspace::safe_component(thing_name));
-        for (name, bytes, mode) in files {
+        for ((name, bytes, mode), sha256) in files {
             let path = format!("{dir}/{name}");
             let mut h = tar::Header::new_gnu();
             h.set_size(bytes.len() as u64);
@@ -338,7 +362,7 @@ impl ArchiveWriter {
                 .append_data(&mut h, &path, bytes.as_slice())
                 .map_err(|e| format!("{}: {e}", self.tmp.display()))?;
             self.manifest
-                .add(&path, &sha256_hex(&bytes), bytes.len() as u64)
+                .add(&path, &sha256, bytes.len() as u64)
                 .map_err(|e| format!("{}: {e}", self.dest.with_file_name(MANIFEST_FILE).display()))?;
         }
         Ok(())

@@ -66,6 +66,7 @@ CREATE TABLE IF NOT EXISTS devices (
 CREATE INDEX IF NOT EXISTS devices_serial ON devices (serial);
 CREATE INDEX IF NOT EXISTS devices_seq ON devices (batch_id, seq);
 CREATE INDEX IF NOT EXISTS devices_attempt ON devices (batch_id, attempt, seq);
+CREATE INDEX IF NOT EXISTS devices_state ON devices (batch_id, state, seq);
 "#;
 
 /// Device states, in pipeline order.

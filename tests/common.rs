@@ -123,17 +123,20 @@ pub struct Served {
 impl Served {
     /// Starts it on `addr` (port 0 picks one) and reads the URL it prints first.
     pub fn start(state: &Path, addr: &str, extra: &[&str]) -> Served {
+        let mut args: Vec<&std::ffi::OsStr> = vec!["--state".as_ref(), state.as_os_str()];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        Served::spawn(addr, &args)
+    }
+
+    /// Starts one whose state lives in memory only (nothing persisted).
+    pub fn start_in_memory(addr: &str, extra: &[&str]) -> Served {
+        let args: Vec<&std::ffi::OsStr> = extra.iter().map(std::ffi::OsStr::new).collect();
+        Served::spawn(addr, &args)
+    }
+
+    fn spawn(addr: &str, extra: &[&std::ffi::OsStr]) -> Served {
         let mut child = provline()
-            .args([
-                "sandbox",
-                "serve",
-                "--device-addr",
-                "127.0.0.1:0",
-                "--addr",
-                addr,
-                "--state",
-            ])
-            .arg(state)
+            .args(["sandbox", "serve", "--device-addr", "127.0.0.1:0", "--addr", addr])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
