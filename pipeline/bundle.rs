@@ -118,9 +118,8 @@ pub fn bundle_files(b: &BundleInput<'_>) -> Result<Vec<BundleFile>, String> {
         ));
     }
     if let Some(key_pem) = b.key_pem {
-        let kp = rcgen::KeyPair::from_pem(key_pem)
+        let held = held_public_key(key_pem)
             .map_err(|e| format!("device `{}`: the stored private key does not parse: {e}", b.thing_name))?;
-        let held = KeyId::from_spki_der(&kp.subject_public_key_info())?;
         if &held != b.key || held != cert.key {
             return Err(format!(
                 "device `{}`: the stored private key does not match the certificate; no bundle written",
@@ -165,6 +164,21 @@ pub fn bundle_files(b: &BundleInput<'_>) -> Result<Vec<BundleFile>, String> {
         files.push((KEY_FILE, k.into_bytes(), 0o600));
     }
     Ok(files)
+}
+
+/// The public key of a stored private key. An EC key in PKCS#8 names its
+/// public point beside the scalar, and that is read; any other key is
+/// loaded whole and its public key derived.
+fn held_public_key(key_pem: &str) -> Result<KeyId, String> {
+    if let Ok(block) = ::pem::parse(key_pem) {
+        if block.tag() == "PRIVATE KEY" {
+            if let Some(key) = crate::crypto::pkcs8_ec_public_key(block.contents()) {
+                return Ok(key);
+            }
+        }
+    }
+    let kp = rcgen::KeyPair::from_pem(key_pem).map_err(|e| e.to_string())?;
+    KeyId::from_spki_der(&kp.subject_public_key_info())
 }
 
 /// A bundle file with its SHA-256; the two Amazon roots, the same in every

@@ -633,7 +633,31 @@ async fn go(
     run::continue_batch(ledger, ws, settings, &aws, ingest_seconds).await
 }
 
-async fn resume_command(args: ResumeArgs) -> Result<i32> {
+/// A batch named by the directory `run` printed (`provline-out/batch-…`)
+/// stands for that batch in the ledger beside it.
+fn batch_by_path(batch: &mut String, out: &mut PathBuf) {
+    let p = Path::new(batch.as_str());
+    if p.components().count() < 2 || !p.is_dir() {
+        return;
+    }
+    let (Some(parent), Some(name)) = (p.parent(), p.file_name().and_then(|n| n.to_str())) else {
+        return;
+    };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
+    if parent.join(run::LEDGER_FILE).exists() {
+        *out = parent.to_path_buf();
+        *batch = name.to_string();
+    }
+}
+
+async fn resume_command(mut args: ResumeArgs) -> Result<i32> {
+    if let Some(b) = args.batch.as_mut() {
+        batch_by_path(b, &mut args.out);
+    }
     let _lock = run::lock_out_dir(&args.out)?;
     let ledger_path = args.out.join(run::LEDGER_FILE);
     if !ledger_path.exists() {
@@ -691,7 +715,10 @@ async fn resume_command(args: ResumeArgs) -> Result<i32> {
     }
 }
 
-fn status_command(args: StatusArgs) -> Result<i32> {
+fn status_command(mut args: StatusArgs) -> Result<i32> {
+    if let Some(b) = args.batch.as_mut() {
+        batch_by_path(b, &mut args.out);
+    }
     let ledger_path = args.out.join(run::LEDGER_FILE);
     if !ledger_path.exists() {
         return Err(Error::config(format!("no ledger at {}", ledger_path.display())));
@@ -1034,7 +1061,8 @@ fn sandbox_device(sb: &provline_sandbox::Sandbox) -> (String, String) {
     (sb.device_endpoint().to_string(), sb.device_server_name())
 }
 
-async fn approve_command(args: ApproveArgs) -> Result<i32> {
+async fn approve_command(mut args: ApproveArgs) -> Result<i32> {
+    batch_by_path(&mut args.batch, &mut args.out);
     let _lock = run::lock_out_dir(&args.out)?;
     let ledger_path = args.out.join(run::LEDGER_FILE);
     if !ledger_path.exists() {
@@ -1117,7 +1145,8 @@ async fn approve_command(args: ApproveArgs) -> Result<i32> {
     result
 }
 
-async fn verify_command(args: VerifyArgs) -> Result<i32> {
+async fn verify_command(mut args: VerifyArgs) -> Result<i32> {
+    batch_by_path(&mut args.batch, &mut args.out);
     let ledger_path = args.out.join(run::LEDGER_FILE);
     if !ledger_path.exists() {
         return Err(Error::config(format!("no ledger at {}", ledger_path.display())));

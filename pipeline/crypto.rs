@@ -117,9 +117,67 @@ pub fn csr_key_id(pem_text: &str) -> Result<KeyId, String> {
     Ok(KeyId::from_spki(&csr.certification_request_info.subject_pki))
 }
 
+/// The public key an EC private key in PKCS#8 carries beside its scalar
+/// (ECPrivateKey's `[1] publicKey`), with the curve the key names. None
+/// when the key is not EC or carries no public key. Reading it costs a DER walk; deriving the public
+/// key from the scalar costs a scalar multiplication, as much as making
+/// the key did.
+pub fn pkcs8_ec_public_key(pkcs8_der: &[u8]) -> Option<KeyId> {
+    use x509_parser::der_parser::asn1_rs::Class;
+    const EC_PUBLIC_KEY: [u8; 7] = [0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    fn tlvs(mut i: &[u8]) -> Option<Vec<(Class, u32, &[u8])>> {
+        let mut out = Vec::new();
+        while !i.is_empty() {
+            let (rest, h) = x509_parser::der_parser::der::der_read_element_header(i).ok()?;
+            let n = h.length().definite().ok()?;
+            if rest.len() < n {
+                return None;
+            }
+            out.push((h.class(), h.tag().0, &rest[..n]));
+            i = &rest[n..];
+        }
+        Some(out)
+    }
+    let universal = |item: &(Class, u32, &'_ [u8]), tag: u32| item.0 == Class::Universal && item.1 == tag;
+    let top = tlvs(pkcs8_der)?;
+    let info = tlvs(top.first().filter(|t| universal(t, 16))?.2)?;
+    let algorithm = tlvs(info.get(1).filter(|t| universal(t, 16))?.2)?;
+    if algorithm.first().filter(|t| universal(t, 6))?.2 != EC_PUBLIC_KEY {
+        return None;
+    }
+    let curve = x509_parser::der_parser::asn1_rs::Oid::new(algorithm.get(1).filter(|t| universal(t, 6))?.2.into());
+    let ec = tlvs(info.get(2).filter(|t| universal(t, 4))?.2)?;
+    let fields = tlvs(ec.first().filter(|t| universal(t, 16))?.2)?;
+    let public = fields.iter().find(|f| f.0 == Class::ContextSpecific && f.1 == 1)?;
+    let bits = tlvs(public.2)?;
+    let data = bits.first().filter(|t| universal(t, 3))?.2;
+    // A BIT STRING's first octet counts the unused bits: none for a point.
+    match data.split_first() {
+        Some((0, point)) if !point.is_empty() => Some(KeyId {
+            algorithm: "1.2.840.10045.2.1".into(),
+            curve: Some(curve.to_id_string()),
+            bits: point.to_vec(),
+        }),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_public_key_inside_an_ec_private_key_is_the_key_pairs() {
+        use rcgen::PublicKeyData;
+        for alg in [&rcgen::PKCS_ECDSA_P256_SHA256, &rcgen::PKCS_ECDSA_P384_SHA384] {
+            let kp = rcgen::KeyPair::generate_for(alg).unwrap();
+            let other = rcgen::KeyPair::generate_for(alg).unwrap();
+            let spki = KeyId::from_spki_der(&kp.subject_public_key_info()).unwrap();
+            assert_eq!(pkcs8_ec_public_key(&kp.serialize_der()), Some(spki.clone()));
+            assert_ne!(pkcs8_ec_public_key(&other.serialize_der()), Some(spki));
+        }
+        assert_eq!(pkcs8_ec_public_key(b"\x30\x03\x02\x01\x00"), None);
+    }
 
     #[test]
     fn normalise_strips_bom_crlf_and_blank_lines() {

@@ -93,10 +93,16 @@ pub async fn fetch_all(aws: &Aws, task_id: &str, dir: &Path) -> Result<()> {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 continue 'listing;
             }
-            for (i, bytes) in files.iter().enumerate() {
-                let p = dir.join(format!("{stem}-{i:04}.jsonl"));
-                write_durable(&p, bytes, 0o600).map_err(|e| Error::infra(format!("{}: {e}", p.display())))?;
+            // One file per report type, in link order: one fsync, not one per link.
+            let mut all = Vec::with_capacity(files.iter().map(Vec::len).sum::<usize>() + files.len());
+            for bytes in &files {
+                all.extend_from_slice(bytes);
+                if !bytes.is_empty() && !bytes.ends_with(b"\n") {
+                    all.push(b'\n');
+                }
             }
+            let p = dir.join(format!("{stem}-0000.jsonl"));
+            write_durable(&p, &all, 0o600).map_err(|e| Error::infra(format!("{}: {e}", p.display())))?;
             tracing::debug!(task_id, report = stem, files = files.len(), "reports saved");
             break;
         }

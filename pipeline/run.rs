@@ -816,7 +816,7 @@ pub async fn continue_batch(
         .filter_map(|a| a.task_id)
         .collect();
     crate::failpoint::hit("report");
-    let mut summary = write_reports(ledger, ws, &task_ids, &t)?;
+    let mut summary = write_reports(ledger, ws, &task_ids, &t, Some(started))?;
     t.add("report", started);
     summary.stage_seconds = t.0.clone();
     ledger.finish_batch(&ws.batch)?;
@@ -1076,7 +1076,9 @@ async fn run_attempt(
         crate::failpoint::hit("reports");
         ledger.set_reports_done(&ws.batch, attempt.attempt)?;
     }
+    let fetched = started.elapsed();
     let (results, errors) = crate::reports::read_saved(&reports_dir)?;
+    let read = started.elapsed();
     let staged: Vec<StagedDevice> = in_attempt
         .iter()
         .enumerate()
@@ -1120,7 +1122,16 @@ async fn run_attempt(
         };
         outcomes.push(outcome(&dev.thing_name, verdict));
     }
+    let matched = started.elapsed();
     ledger.record_outcomes(&ws.batch, &outcomes)?;
+    tracing::debug!(
+        task_id,
+        fetch_s = fetched.as_secs_f64(),
+        read_s = (read - fetched).as_secs_f64(),
+        match_s = (matched - read).as_secs_f64(),
+        record_s = (started.elapsed() - matched).as_secs_f64(),
+        "reconcile timings"
+    );
     crate::failpoint::hit("reconciled");
     ledger.set_reconciled(&ws.batch, attempt.attempt)?;
     t.add("reconcile", started);
@@ -1415,7 +1426,13 @@ fn unregistered(thing: &str, hint: Option<String>) -> Verdict {
 
 /// results.csv, manifest.json and report.json, from the ledger, one row
 /// at a time.
-pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &Timings) -> Result<Summary> {
+pub fn write_reports(
+    ledger: &Ledger,
+    ws: &Workspace,
+    task_ids: &[String],
+    t: &Timings,
+    report_started: Option<Instant>,
+) -> Result<Summary> {
     let io = |p: &std::path::Path, e: std::io::Error| Error::infra(format!("{}: {e}", p.display()));
     let results = ws.dir().join("results.csv");
     let tmp = ws.dir().join(".results.csv.tmp");
@@ -1493,6 +1510,11 @@ pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &T
         crate::bundle::write_archive_manifest(ws).map_err(|e| io(&mpath, e))?;
     }
 
+    // The report stage, up to report.json itself.
+    let mut stage_seconds = t.0.clone();
+    if let Some(started) = report_started {
+        *stage_seconds.entry("report").or_default() += started.elapsed().as_secs_f64();
+    }
     let report = serde_json::json!({
         "batch": ws.batch,
         "devices": devices,
@@ -1503,7 +1525,7 @@ pub fn write_reports(ledger: &Ledger, ws: &Workspace, task_ids: &[String], t: &T
         "skipped_rows": settings.skipped,
         "task_ids": task_ids,
         "attempts": ledger.attempts(&ws.batch)?,
-        "stage_seconds": t.0,
+        "stage_seconds": stage_seconds,
         "peak_rss_mib": peak_rss_mib(),
     });
     let rpath = ws.dir().join("report.json");

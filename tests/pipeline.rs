@@ -156,6 +156,15 @@ fn two_hundred_devices_end_to_end_with_verified_bundles() {
         (Some(200), Some(200), Some(0), Some(200))
     );
     assert_eq!(report["task_ids"].as_array().unwrap().len(), 1);
+    // Every stage is timed, the report's own included, and the peak memory is stated.
+    let timed: std::collections::BTreeSet<&str> = report["stage_seconds"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(timed, provline::run::STAGES.into_iter().collect());
+    assert!(report["peak_rss_mib"].as_f64().unwrap() > 1.0, "{report}");
     validate_schema("manifest.schema.json", &dir.join("manifest.json"));
     validate_schema("report.schema.json", &dir.join("report.json"));
     validate_schema(
@@ -177,6 +186,20 @@ fn two_hundred_devices_end_to_end_with_verified_bundles() {
     assert!(
         !grep_tree(&out.join(".sandbox"), &needles),
         "a device private key reached the sandbox's S3 or registry"
+    );
+    // Keys live in the batch's key store (0600, in the 0700 work directory), never in the ledger.
+    for f in ["ledger.sqlite", "ledger.sqlite-wal"] {
+        let bytes = std::fs::read(out.join(f)).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(
+            !needles.iter().any(|n| text.contains(n.as_str())),
+            "a device private key reached {f}"
+        );
+    }
+    let key_store = std::fs::metadata(dir.join("work/keys.sqlite")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&key_store.permissions()) & 0o777,
+        0o600
     );
 
     // The same check with real openssl, so we are not only checking ourselves.
