@@ -730,17 +730,14 @@ fn status_command(mut args: StatusArgs) -> Result<i32> {
         if args.batch.as_ref().is_some_and(|want| &b.id != want) {
             continue;
         }
-        let devices = ledger.devices(&b.id)?;
-        let mut counts = std::collections::BTreeMap::<String, usize>::new();
-        for d in &devices {
-            *counts.entry(d.state.clone()).or_default() += 1;
-        }
+        let counts = ledger.state_counts(&b.id)?;
         let attempts = ledger.attempts(&b.id)?;
-        if args.batch.is_some() {
-            per_device = devices.clone();
+        if args.batch.is_some() && args.json {
+            // Every device's row, asked for by name: the one listing that is as long as the batch.
+            per_device = ledger.devices(&b.id)?;
         }
         out.push(serde_json::json!({
-            "batch": b.id, "state": b.state, "devices": devices.len(), "states": counts,
+            "batch": b.id, "state": b.state, "devices": counts.values().sum::<usize>(), "states": counts,
             "tasks": attempts.iter().map(|a| serde_json::json!({"attempt": a.attempt, "task_id": a.task_id, "status": a.task_status})).collect::<Vec<_>>(),
         }));
     }
