@@ -38,6 +38,17 @@ impl Aws {
         if let Some((ak, sk)) = &c.static_credentials {
             loader = loader.credentials_provider(Credentials::new(ak, sk, None, None, "provline-sandbox"));
         }
+        // Throttling and 5xx answers are retried with backoff, more often
+        // than the SDK's default of 3 attempts, unless AWS_MAX_ATTEMPTS (or
+        // the profile) says otherwise.
+        if std::env::var_os("AWS_MAX_ATTEMPTS").is_none() {
+            loader = loader.retry_config(
+                aws_config::retry::RetryConfig::standard()
+                    .with_max_attempts(6)
+                    .with_initial_backoff(std::time::Duration::from_millis(50))
+                    .with_max_backoff(std::time::Duration::from_secs(2)),
+            );
+        }
         let shared = loader.load().await;
         let region = shared
             .region()

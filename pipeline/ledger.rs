@@ -67,6 +67,7 @@ CREATE INDEX IF NOT EXISTS devices_serial ON devices (serial);
 CREATE INDEX IF NOT EXISTS devices_seq ON devices (batch_id, seq);
 CREATE INDEX IF NOT EXISTS devices_attempt ON devices (batch_id, attempt, seq);
 CREATE INDEX IF NOT EXISTS devices_state ON devices (batch_id, state, seq);
+CREATE INDEX IF NOT EXISTS devices_key ON devices (key_fingerprint);
 "#;
 
 /// Device states, in pipeline order.
@@ -293,6 +294,22 @@ impl Ledger {
             .query_map(params![serial, thing_name, batch], |r| {
                 Ok((r.get(0)?, device_row(r, 1)?))
             })
+            .map_err(db_err)?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(db_err)?;
+        Ok(rows)
+    }
+
+    /// Earlier ledger entries, outside `batch`, whose key has this fingerprint.
+    pub fn earlier_with_key(&self, batch: &str, key_fingerprint: &str) -> Result<Vec<(String, DeviceRow)>> {
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT batch_id, {DEVICE_COLUMNS} FROM devices WHERE key_fingerprint = ?1 AND batch_id != ?2"
+            ))
+            .map_err(db_err)?;
+        let rows = st
+            .query_map(params![key_fingerprint, batch], |r| Ok((r.get(0)?, device_row(r, 1)?)))
             .map_err(db_err)?
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(db_err)?;

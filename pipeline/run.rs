@@ -473,6 +473,28 @@ pub fn check_conflicts(ledger: &Ledger, p: &Prepared) -> Result<()> {
     let mut problems = Problems::default();
     for d in p.devices.iter() {
         let d = d?;
+        // A device CSR's key already used by another device of the ledger
+        // would give one key two things' certificates.
+        if let Some(csr) = &d.csr {
+            for (other, row) in ledger.earlier_with_key(&p.batch, &csr.key.fingerprint())? {
+                let live = matches!(
+                    row.state.as_str(),
+                    state::REGISTERED | state::BUNDLED | state::SUBMITTED | state::STAGED
+                );
+                if live && row.thing_name != d.thing_name {
+                    problems.push(
+                        Problem::new(format!(
+                            "this device CSR's key is already registered for thing `{}` in {other} ({}:{}, {}); one key would then authenticate two things: each device needs its own key pair",
+                            row.thing_name, row.file, row.line, row.state
+                        ))
+                        .file(d.file.to_string())
+                        .line(d.line)
+                        .column("csr")
+                        .device(d.thing_name.clone()),
+                    );
+                }
+            }
+        }
         for (other, row) in ledger.earlier(&p.batch, &d.serial, &d.thing_name)? {
             let live = matches!(
                 row.state.as_str(),
@@ -664,7 +686,7 @@ fn keygen_stage(
             let refs: Vec<(&str, &Keyed)> = fresh.iter().map(|(n, k)| (n.as_str(), k)).collect();
             store.insert(&refs)?;
             crate::failpoint::hit("persist");
-            generated += fresh.len();
+            generated += fresh.iter().filter(|(_, k)| k.key_pem.is_some()).count();
             keys.extend(fresh);
             t.add("persist", started);
         }
@@ -796,10 +818,16 @@ pub async fn continue_batch(
         let attempts = ledger.attempts(&ws.batch)?;
         let attempt = match attempts.iter().find(|a| !a.reconciled) {
             Some(a) => a.clone(),
-            None => match next_attempt(ledger, ws, s, aws, attempts.len() as i64 + 1).await? {
-                Some(a) => a,
-                None => break,
-            },
+            None => {
+                // Choosing retries asks the registry about each failed device: reconcile work.
+                let started = Instant::now();
+                let next = next_attempt(ledger, ws, s, aws, attempts.len() as i64 + 1).await?;
+                t.add("reconcile", started);
+                match next {
+                    Some(a) => a,
+                    None => break,
+                }
+            }
         };
         run_attempt(ledger, ws, s, aws, &template, attempt, &mut endpoint, &mut t).await?;
         bundle_stage(ledger, ws, s, aws, &mut endpoint, &mut t).await?;

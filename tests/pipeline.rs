@@ -328,6 +328,36 @@ fn device_csrs_get_no_key_and_their_own_key_is_registered() {
         assert_eq!(device["private_key_on_device"], true);
     }
     assert!(!out.join("keys").exists());
+
+    // A later batch of the same ledger that sends DEV-1's CSR (here with LF
+    // line ends) for a new serial is refused before anything is sent.
+    let reused = std::fs::read_to_string(tmp.path().join("d1.csr")).unwrap();
+    let fresh = openssl_csr(
+        tmp.path(),
+        "d9",
+        &["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        "LINE-B-9",
+    );
+    let second = write(
+        tmp.path(),
+        "second.csv",
+        &format!(
+            "serial_number,model,csr\nDEV-9,TH-200,{}\nDEV-10,TH-200,{}\n",
+            cell(&fresh),
+            cell(&reused)
+        ),
+    );
+    let again = run(provline().args(["run", "--sandbox", "--out"]).arg(&out).arg(&second));
+    assert_eq!(again.code, 2, "{}", again.stderr);
+    // DEV-10's row starts on the line after DEV-9's multi-line CSR cell.
+    let line = 3 + fresh.matches('\n').count();
+    assert!(
+        again.stderr.contains(&format!("second.csv:{line}"))
+            && again.stderr.contains("already registered for thing `DEV-1`"),
+        "{}",
+        again.stderr
+    );
+    assert!(!again.stderr.contains("second.csv:2"), "{}", again.stderr);
 }
 
 #[test]
