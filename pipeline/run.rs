@@ -314,7 +314,17 @@ pub fn prepare(opts: &RunOptions, sandbox_defaults: bool) -> Result<Prepared> {
             template_columns: &template_columns,
             // Beside the output (the nearest directory that exists), not in a
             // temporary directory that may be memory.
-            spool_dir: opts.out.ancestors().find(|a| a.is_dir()),
+            spool_dir: opts
+                .out
+                .ancestors()
+                .map(|a| {
+                    if a.as_os_str().is_empty() {
+                        std::path::Path::new(".")
+                    } else {
+                        a
+                    }
+                })
+                .find(|a| a.is_dir()),
         },
     )?;
     if ingested.devices.is_empty() && !ingested.skipped.is_empty() {
