@@ -67,7 +67,14 @@ CREATE INDEX IF NOT EXISTS devices_serial ON devices (serial);
 CREATE INDEX IF NOT EXISTS devices_seq ON devices (batch_id, seq);
 CREATE INDEX IF NOT EXISTS devices_attempt ON devices (batch_id, attempt, seq);
 CREATE INDEX IF NOT EXISTS devices_state ON devices (batch_id, state, seq);
-CREATE INDEX IF NOT EXISTS devices_key ON devices (key_fingerprint);
+-- The keys of device-made CSRs, so that no later batch registers one again
+-- for another thing. Generated keys are new by construction and not listed.
+CREATE TABLE IF NOT EXISTS device_csr_keys (
+    fingerprint TEXT NOT NULL,
+    batch_id    TEXT NOT NULL,
+    thing_name  TEXT NOT NULL,
+    PRIMARY KEY (fingerprint, batch_id, thing_name)
+);
 "#;
 
 /// Device states, in pipeline order.
@@ -147,6 +154,8 @@ pub struct NewDevice {
     pub line: u64,
     pub fingerprint: String,
     pub record: String,
+    /// The key fingerprint of a device-made CSR.
+    pub csr_key: Option<String>,
 }
 
 /// What reconciliation decided for one device.
@@ -178,6 +187,9 @@ impl Ledger {
         conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(db_err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(db_err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(db_err)?;
+        // 32 MiB of page cache (SQLite's default is 2): a fixed amount, and
+        // a million-device batch's index updates stay off the disk.
+        conn.pragma_update(None, "cache_size", -32768).map_err(db_err)?;
         conn.execute_batch(SCHEMA).map_err(db_err)?;
         Ok(Ledger { conn })
     }
@@ -253,8 +265,16 @@ impl Ledger {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 )
                 .map_err(db_err)?;
+            let mut csr_key = tx
+                .prepare(
+                    "INSERT OR IGNORE INTO device_csr_keys (fingerprint, batch_id, thing_name) VALUES (?1, ?2, ?3)",
+                )
+                .map_err(db_err)?;
             for (seq, d) in devices.into_iter().enumerate() {
                 let d = d?;
+                if let Some(k) = &d.csr_key {
+                    csr_key.execute(params![k, id, d.thing_name]).map_err(db_err)?;
+                }
                 st.execute(params![
                     id,
                     seq as i64,
@@ -300,12 +320,19 @@ impl Ledger {
         Ok(rows)
     }
 
-    /// Earlier ledger entries, outside `batch`, whose key has this fingerprint.
+    /// Earlier ledger entries, outside `batch`, whose device CSR's key has this fingerprint.
     pub fn earlier_with_key(&self, batch: &str, key_fingerprint: &str) -> Result<Vec<(String, DeviceRow)>> {
+        let columns = DEVICE_COLUMNS
+            .split(", ")
+            .map(|c| format!("d.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
         let mut st = self
             .conn
             .prepare_cached(&format!(
-                "SELECT batch_id, {DEVICE_COLUMNS} FROM devices WHERE key_fingerprint = ?1 AND batch_id != ?2"
+                "SELECT d.batch_id, {columns} FROM device_csr_keys k
+                 JOIN devices d ON d.batch_id = k.batch_id AND d.thing_name = k.thing_name
+                 WHERE k.fingerprint = ?1 AND k.batch_id != ?2"
             ))
             .map_err(db_err)?;
         let rows = st

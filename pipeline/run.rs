@@ -574,6 +574,7 @@ pub fn record_batch(ledger: &mut Ledger, p: &Prepared) -> Result<bool> {
         })
         .expect("a stored device serialises");
         Ok(NewDevice {
+            csr_key: d.csr.as_ref().map(|c| c.key.fingerprint()),
             fingerprint: d.fingerprint(),
             serial: d.serial,
             thing_name: d.thing_name,
