@@ -87,6 +87,28 @@ fn bench_ingest_rows(c: &mut Criterion, n: usize) {
     g.finish();
 }
 
+/// A fresh P-256 key, and certificate parameters with the bench's CN.
+fn bare_key(i: usize) -> (rcgen::KeyPair, rcgen::CertificateParams) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, format!("BN{i:08}"));
+    (key, params)
+}
+
+/// The keygen primitive: rcgen key + CSR + PEMs for `n` devices in a plain rayon loop.
+fn bare_keygen(n: usize) -> usize {
+    (0..n)
+        .into_par_iter()
+        .map(|i| {
+            let (key, params) = bare_key(i);
+            let csr = params.serialize_request(&key).unwrap();
+            csr.pem().unwrap().len() + key.serialize_pem().len()
+        })
+        .sum::<usize>()
+}
+
 fn bench_keygen(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let n = 2_000;
@@ -94,20 +116,7 @@ fn bench_keygen(c: &mut Criterion) {
     let mut g = c.benchmark_group("keygen-ec-p256");
     g.sample_size(10).throughput(Throughput::Elements(n as u64));
     g.bench_function("primitive: rcgen key + CSR + PEMs in a rayon loop", |b| {
-        b.iter(|| {
-            (0..n)
-                .into_par_iter()
-                .map(|i| {
-                    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-                    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-                    params
-                        .distinguished_name
-                        .push(rcgen::DnType::CommonName, format!("BN{i:08}"));
-                    let csr = params.serialize_request(&key).unwrap();
-                    csr.pem().unwrap().len() + key.serialize_pem().len()
-                })
-                .sum::<usize>()
-        })
+        b.iter(|| bare_keygen(n))
     });
     g.bench_function("stage: generate_all", |b| {
         b.iter_batched(
@@ -144,11 +153,7 @@ fn bench_own_ca_signing(c: &mut Criterion) {
             (0..n)
                 .into_par_iter()
                 .map(|i| {
-                    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-                    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-                    params
-                        .distinguished_name
-                        .push(rcgen::DnType::CommonName, format!("BN{i:08}"));
+                    let (key, params) = bare_key(i);
                     let cert = params.signed_by(&key, &issuer).unwrap();
                     cert.pem().len() + key.serialize_pem().len()
                 })
@@ -367,16 +372,7 @@ fn bench_end_to_end(c: &mut Criterion) {
     let mut g = c.benchmark_group("end-to-end");
     g.sample_size(10).throughput(Throughput::Elements(n as u64));
     g.bench_function("primitive: rcgen key + CSR + PEMs in a rayon loop", |b| {
-        b.iter(|| {
-            (0..n)
-                .into_par_iter()
-                .map(|_| {
-                    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-                    let params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-                    params.serialize_request(&key).unwrap().pem().unwrap().len()
-                })
-                .sum::<usize>()
-        })
+        b.iter(|| bare_keygen(n))
     });
     if !bin.exists() {
         eprintln!(

@@ -2,7 +2,7 @@
 //! station, and the batch manifest of SHA-256 checksums.
 
 use std::fs;
-use std::os::unix::fs::OpenOptionsExt;
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
@@ -10,7 +10,7 @@ use rcgen::PublicKeyData;
 use x509_parser::prelude::*;
 
 use crate::crypto::{sha256_hex, to_pem, KeyId};
-use crate::workspace::{write_unsynced, Workspace};
+use crate::workspace::{write_unsynced, DurableFile, Workspace};
 
 pub const CERT_FILE: &str = "certificate.pem.crt";
 pub const KEY_FILE: &str = "private.pem.key";
@@ -184,16 +184,14 @@ fn held_public_key(key_pem: &str) -> Result<KeyId, String> {
 /// A bundle file with its SHA-256; the two Amazon roots, the same in every
 /// bundle, are hashed once per process.
 fn hashed(file: BundleFile) -> (BundleFile, String) {
-    static ROOTS: OnceLock<Option<(String, String)>> = OnceLock::new();
-    let roots = ROOTS.get_or_init(|| {
-        amazon_roots()
-            .ok()
-            .map(|(ca1, ca3)| (sha256_hex(ca1.as_bytes()), sha256_hex(ca3.as_bytes())))
+    static ROOTS: OnceLock<Vec<(&'static [u8], String)>> = OnceLock::new();
+    let roots = ROOTS.get_or_init(|| match amazon_roots() {
+        Ok((ca1, ca3)) => [ca1, ca3].map(|c| (c.as_bytes(), sha256_hex(c.as_bytes()))).to_vec(),
+        Err(_) => Vec::new(),
     });
-    let sha = match (file.0, roots, amazon_roots()) {
-        (ROOT_CA1_FILE, Some((h1, _)), Ok((ca1, _))) if file.1 == ca1.as_bytes() => h1.clone(),
-        (ROOT_CA3_FILE, Some((_, h3)), Ok((_, ca3))) if file.1 == ca3.as_bytes() => h3.clone(),
-        _ => sha256_hex(&file.1),
+    let sha = match roots.iter().find(|(bytes, _)| *bytes == file.1.as_slice()) {
+        Some((_, sha)) => sha.clone(),
+        None => sha256_hex(&file.1),
     };
     (file, sha)
 }
@@ -237,13 +235,11 @@ pub fn sync_bundles(ws: &Workspace) -> std::io::Result<()> {
 }
 
 /// manifest.json, written as it goes: every bundle file with its SHA-256
-/// and size, one entry at a time into a temporary file that is synced and
-/// renamed into place by [`ManifestWriter::finish`]. A batch of a million
-/// devices never holds its five million entries in memory.
+/// and size, one entry at a time, durable when [`ManifestWriter::finish`]
+/// returns. A batch of a million devices never holds its five million
+/// entries in memory.
 pub struct ManifestWriter {
-    w: std::io::BufWriter<fs::File>,
-    tmp: PathBuf,
-    dest: PathBuf,
+    w: DurableFile,
     first: bool,
 }
 
@@ -251,32 +247,17 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 
 impl ManifestWriter {
     pub fn create(ws: &Workspace, archive: bool) -> std::io::Result<ManifestWriter> {
-        use std::io::Write;
-        let dest = ws.dir().join(MANIFEST_FILE);
-        let tmp = ws.dir().join(format!(".{MANIFEST_FILE}.tmp"));
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o644)
-            .open(&tmp)?;
-        let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+        let mut w = DurableFile::create(&ws.dir().join(MANIFEST_FILE), 0o644)?;
         let batch = serde_json::to_string(&ws.batch).map_err(std::io::Error::other)?;
         write!(w, "{{\n  \"batch\": {batch},\n  \"algorithm\": \"sha256\",\n")?;
         if archive {
             writeln!(w, "  \"archive\": \"{ARCHIVE_FILE}\",")?;
         }
         write!(w, "  \"files\": [")?;
-        Ok(ManifestWriter {
-            w,
-            tmp,
-            dest,
-            first: true,
-        })
+        Ok(ManifestWriter { w, first: true })
     }
 
     pub fn add(&mut self, path: &str, sha256: &str, bytes: u64) -> std::io::Result<()> {
-        use std::io::Write;
         let path = serde_json::to_string(path).map_err(std::io::Error::other)?;
         let sep = if self.first { "" } else { "," };
         self.first = false;
@@ -286,50 +267,46 @@ impl ManifestWriter {
         )
     }
 
-    pub fn finish(mut self) -> std::io::Result<()> {
-        use std::io::Write;
-        let end = if self.first { "]\n}\n" } else { "\n  ]\n}\n" };
-        self.w.write_all(end.as_bytes())?;
-        let f = self.w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&self.tmp, &self.dest)?;
-        if let Some(parent) = self.dest.parent() {
-            fs::File::open(parent)?.sync_all()?;
+    /// Adds every file of one device's bundle directory, in name order.
+    pub fn add_bundle_dir(&mut self, ws: &Workspace, thing_name: &str) -> std::io::Result<()> {
+        let root = ws.dir();
+        let mut files: Vec<PathBuf> = fs::read_dir(ws.bundle_dir(thing_name))?
+            .filter_map(|e| e.ok())
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        for f in files {
+            let bytes = fs::read(&f)?;
+            self.add(&relative(&root, &f), &sha256_hex(&bytes), bytes.len() as u64)?;
         }
         Ok(())
+    }
+
+    pub fn finish(mut self) -> std::io::Result<()> {
+        let end = if self.first { "]\n}\n" } else { "\n  ]\n}\n" };
+        self.w.write_all(end.as_bytes())?;
+        self.w.commit()
     }
 }
 
 /// Writes the batch's archive: every bundle under `bundles/<thing>/`, into
-/// a temporary file that is synced once and renamed into place, with the
-/// manifest of what went in, hashed while writing.
+/// one file that is synced once when finished, with the manifest of what
+/// went in, hashed while writing.
 pub struct ArchiveWriter {
-    builder: tar::Builder<std::io::BufWriter<fs::File>>,
-    tmp: PathBuf,
-    dest: PathBuf,
+    builder: tar::Builder<DurableFile>,
     manifest: ManifestWriter,
     mtime: u64,
 }
 
 impl ArchiveWriter {
     pub fn create(ws: &Workspace) -> std::io::Result<ArchiveWriter> {
-        let dest = ws.dir().join(ARCHIVE_FILE);
-        let tmp = ws.dir().join(format!(".{ARCHIVE_FILE}.tmp"));
-        let f = fs::OpenOptions::new()
-            .create(true)
-            .truncate(true)
-            .write(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let file = DurableFile::create(&ws.dir().join(ARCHIVE_FILE), 0o600)?;
         let mtime = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0);
         Ok(ArchiveWriter {
-            builder: tar::Builder::new(std::io::BufWriter::with_capacity(1 << 20, f)),
-            tmp,
-            dest,
+            builder: tar::Builder::new(file),
             manifest: ManifestWriter::create(ws, true)?,
             mtime,
         })
@@ -374,10 +351,10 @@ impl ArchiveWriter {
             h.set_entry_type(tar::EntryType::Regular);
             self.builder
                 .append_data(&mut h, &path, bytes.as_slice())
-                .map_err(|e| format!("{}: {e}", self.tmp.display()))?;
+                .map_err(|e| format!("{}: {e}", self.builder.get_ref().dest().display()))?;
             self.manifest
                 .add(&path, &sha256, bytes.len() as u64)
-                .map_err(|e| format!("{}: {e}", self.dest.with_file_name(MANIFEST_FILE).display()))?;
+                .map_err(|e| format!("{}: {e}", self.manifest.w.dest().display()))?;
         }
         Ok(())
     }
@@ -385,33 +362,9 @@ impl ArchiveWriter {
     /// Finishes the archive, syncs it once and renames it into place, then
     /// does the same for its manifest.
     pub fn finish(self) -> std::io::Result<()> {
-        let w = self.builder.into_inner()?;
-        let f = w.into_inner().map_err(|e| e.into_error())?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&self.tmp, &self.dest)?;
-        if let Some(parent) = self.dest.parent() {
-            fs::File::open(parent)?.sync_all()?;
-        }
+        self.builder.into_inner()?.commit()?;
         self.manifest.finish()
     }
-}
-
-/// The manifest of the directory format: the files of each named bundle
-/// directory, in the order given.
-pub fn write_dir_manifest(ws: &Workspace, things: impl Iterator<Item = String>) -> std::io::Result<()> {
-    let mut m = ManifestWriter::create(ws, false)?;
-    let root = ws.dir();
-    for thing in things {
-        let d = ws.bundle_dir(&thing);
-        let mut files: Vec<PathBuf> = fs::read_dir(&d)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
-        files.sort();
-        for f in files {
-            let bytes = fs::read(&f)?;
-            m.add(&relative(&root, &f), &sha256_hex(&bytes), bytes.len() as u64)?;
-        }
-    }
-    m.finish()
 }
 
 /// The manifest rebuilt from an archive already in place.

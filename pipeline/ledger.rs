@@ -302,93 +302,81 @@ impl Ledger {
         Ok(())
     }
 
-    /// Earlier ledger entries for a serial or thing name, outside `batch`.
-    pub fn earlier(&self, batch: &str, serial: &str, thing_name: &str) -> Result<Vec<(String, DeviceRow)>> {
+    /// The device rows a `WHERE` clause selects, in the order it asks for.
+    fn device_rows(&self, clause: &str, params: impl rusqlite::Params) -> Result<Vec<DeviceRow>> {
         let mut st = self
             .conn
-            .prepare_cached(&format!(
-                "SELECT batch_id, {DEVICE_COLUMNS} FROM devices WHERE (serial = ?1 OR thing_name = ?2) AND batch_id != ?3"
-            ))
+            .prepare_cached(&format!("SELECT {DEVICE_COLUMNS} FROM devices WHERE {clause}"))
             .map_err(db_err)?;
         let rows = st
-            .query_map(params![serial, thing_name, batch], |r| {
-                Ok((r.get(0)?, device_row(r, 1)?))
-            })
+            .query_map(params, |r| device_row(r, 0))
             .map_err(db_err)?
             .collect::<std::result::Result<Vec<_>, _>>()
             .map_err(db_err)?;
         Ok(rows)
+    }
+
+    /// Like [`Ledger::device_rows`], with each row's batch.
+    fn batch_device_rows(&self, clause: &str, params: impl rusqlite::Params) -> Result<Vec<(String, DeviceRow)>> {
+        let mut st = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT batch_id, {DEVICE_COLUMNS} FROM devices WHERE {clause}"
+            ))
+            .map_err(db_err)?;
+        let rows = st
+            .query_map(params, |r| Ok((r.get(0)?, device_row(r, 1)?)))
+            .map_err(db_err)?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(db_err)?;
+        Ok(rows)
+    }
+
+    /// Earlier ledger entries for a serial or thing name, outside `batch`.
+    pub fn earlier(&self, batch: &str, serial: &str, thing_name: &str) -> Result<Vec<(String, DeviceRow)>> {
+        self.batch_device_rows(
+            "(serial = ?1 OR thing_name = ?2) AND batch_id != ?3",
+            params![serial, thing_name, batch],
+        )
     }
 
     /// Earlier ledger entries, outside `batch`, whose device CSR's key has this fingerprint.
     pub fn earlier_with_key(&self, batch: &str, key_fingerprint: &str) -> Result<Vec<(String, DeviceRow)>> {
-        let columns = DEVICE_COLUMNS
-            .split(", ")
-            .map(|c| format!("d.{c}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let mut st = self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT d.batch_id, {columns} FROM device_csr_keys k
-                 JOIN devices d ON d.batch_id = k.batch_id AND d.thing_name = k.thing_name
-                 WHERE k.fingerprint = ?1 AND k.batch_id != ?2"
-            ))
-            .map_err(db_err)?;
-        let rows = st
-            .query_map(params![key_fingerprint, batch], |r| Ok((r.get(0)?, device_row(r, 1)?)))
-            .map_err(db_err)?
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(db_err)?;
-        Ok(rows)
+        self.batch_device_rows(
+            "(batch_id, thing_name) IN (SELECT batch_id, thing_name FROM device_csr_keys WHERE fingerprint = ?1)
+             AND batch_id != ?2",
+            params![key_fingerprint, batch],
+        )
     }
 
     pub fn devices(&self, batch: &str) -> Result<Vec<DeviceRow>> {
-        let mut st = self
-            .conn
-            .prepare(&format!(
-                "SELECT {DEVICE_COLUMNS} FROM devices WHERE batch_id = ?1 ORDER BY seq"
-            ))
-            .map_err(db_err)?;
-        let rows = st
-            .query_map([batch], |r| device_row(r, 0))
-            .map_err(db_err)?
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(db_err)?;
-        Ok(rows)
+        self.device_rows("batch_id = ?1 ORDER BY seq", [batch])
     }
 
-    /// Up to `limit` devices in `state` after `after_seq`, in device order:
-    /// the stages walk the batch a page at a time with this.
-    pub fn devices_in_state(&self, batch: &str, state: &str, after_seq: i64, limit: usize) -> Result<Vec<DeviceRow>> {
-        let mut st = self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT {DEVICE_COLUMNS} FROM devices WHERE batch_id = ?1 AND seq > ?2 AND state = ?3 ORDER BY seq LIMIT ?4"
-            ))
-            .map_err(db_err)?;
-        let rows = st
-            .query_map(params![batch, after_seq, state, limit as i64], |r| device_row(r, 0))
-            .map_err(db_err)?
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(db_err)?;
-        Ok(rows)
+    /// The next page of up to `limit` devices in `state`, in device order,
+    /// after the one `cursor` names (start it at -1); None when there are
+    /// no more. The stages walk the batch a page at a time with this.
+    pub fn next_page(
+        &self,
+        batch: &str,
+        state: &str,
+        cursor: &mut i64,
+        limit: usize,
+    ) -> Result<Option<Vec<DeviceRow>>> {
+        let rows = self.device_rows(
+            "batch_id = ?1 AND seq > ?2 AND state = ?3 ORDER BY seq LIMIT ?4",
+            params![batch, *cursor, state, limit as i64],
+        )?;
+        let Some(last) = rows.last() else {
+            return Ok(None);
+        };
+        *cursor = last.seq;
+        Ok(Some(rows))
     }
 
     /// The devices assigned to one attempt, in device order.
     pub fn devices_of_attempt(&self, batch: &str, attempt: i64) -> Result<Vec<DeviceRow>> {
-        let mut st = self
-            .conn
-            .prepare_cached(&format!(
-                "SELECT {DEVICE_COLUMNS} FROM devices WHERE batch_id = ?1 AND attempt = ?2 ORDER BY seq"
-            ))
-            .map_err(db_err)?;
-        let rows = st
-            .query_map(params![batch, attempt], |r| device_row(r, 0))
-            .map_err(db_err)?
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(db_err)?;
-        Ok(rows)
+        self.device_rows("batch_id = ?1 AND attempt = ?2 ORDER BY seq", params![batch, attempt])
     }
 
     /// Calls `f` with every device of the batch in order, one row in memory at a time.

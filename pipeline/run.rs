@@ -611,12 +611,9 @@ fn keygen_stage(
 ) -> Result<()> {
     let mut store = KeyStore::open(ws)?;
     let mut ca: Option<crate::ca::FactoryCa> = None;
-    let mut after = -1;
+    let mut cursor = -1;
     let mut generated = 0usize;
-    loop {
-        let rows = ledger.devices_in_state(&ws.batch, state::INGESTED, after, PAGE)?;
-        let Some(last) = rows.last() else { break };
-        after = last.seq;
+    while let Some(rows) = ledger.next_page(&ws.batch, state::INGESTED, &mut cursor, PAGE)? {
         // A crash between the key store and the ledger leaves keys already made.
         let mut keys = store.get_many(&names(&rows))?;
         let need: Vec<&DeviceRow> = rows.iter().filter(|r| !keys.contains_key(&r.thing_name)).collect();
@@ -673,14 +670,10 @@ fn keygen_stage(
                             match crate::ca::missing_subject_fields(pem, subject_params) {
                                 Ok(missing) if missing.is_empty() => {}
                                 Ok(missing) => problems.push(
-                                    Problem::new(format!(
-                                        "the CA's JITP template reads {} from the certificate subject without a Default, and this device's certificate has no such field; add {} to [certificate.subject] in the profile (or a Default to the template)",
-                                        missing.iter().map(|m| format!("AWS::IoT::Certificate::{m}")).collect::<Vec<_>>().join(", "),
-                                        missing.iter().map(|m| subject_key_for(m)).collect::<Vec<_>>().join(", ")
-                                    ))
-                                    .file(d.file.to_string())
-                                    .line(d.line)
-                                    .device(d.thing_name.clone()),
+                                    Problem::new(missing_subject_message(&missing, "has"))
+                                        .file(d.file.to_string())
+                                        .line(d.line)
+                                        .device(d.thing_name.clone()),
                                 ),
                                 Err(e) => problems.push(Problem::new(e).device(d.thing_name.clone())),
                             }
@@ -739,18 +732,24 @@ pub fn check_subjects(p: &Prepared, wanted: &[(String, bool)]) -> Result<()> {
             .collect();
         if !missing.is_empty() {
             problems.push(
-                Problem::new(format!(
-                    "the CA's JITP template reads {} from the certificate subject without a Default, and this device's certificate would have no such field; add {} to [certificate.subject] in the profile (or a Default to the template)",
-                    missing.iter().map(|m| format!("AWS::IoT::Certificate::{m}")).collect::<Vec<_>>().join(", "),
-                    missing.iter().map(|m| subject_key_for(m)).collect::<Vec<_>>().join(", ")
-                ))
-                .file(d.file.to_string())
-                .line(d.line)
-                .device(d.thing_name.clone()),
+                Problem::new(missing_subject_message(&missing, "would have"))
+                    .file(d.file.to_string())
+                    .line(d.line)
+                    .device(d.thing_name.clone()),
             );
         }
     }
     problems.into_result()
+}
+
+/// Why a device would never activate under JITP: the template reads
+/// subject fields its certificate lacks (`has` or `would have`).
+fn missing_subject_message<S: AsRef<str>>(missing: &[S], has: &str) -> String {
+    format!(
+        "the CA's JITP template reads {} from the certificate subject without a Default, and this device's certificate {has} no such field; add {} to [certificate.subject] in the profile (or a Default to the template)",
+        missing.iter().map(|m| format!("AWS::IoT::Certificate::{}", m.as_ref())).collect::<Vec<_>>().join(", "),
+        missing.iter().map(|m| subject_key_for(m.as_ref())).collect::<Vec<_>>().join(", ")
+    )
 }
 
 /// The profile's subject attribute for a JITP certificate parameter.
@@ -867,37 +866,28 @@ pub async fn continue_batch(
 /// is marked registered with its certificate, a page at a time.
 fn issue_own_certificates(ledger: &mut Ledger, ws: &Workspace) -> Result<()> {
     let store = KeyStore::open(ws)?;
-    let mut after = -1;
-    loop {
-        let rows = ledger.devices_in_state(&ws.batch, state::KEYED, after, PAGE)?;
-        let Some(last) = rows.last() else { break };
-        after = last.seq;
+    let mut cursor = -1;
+    while let Some(rows) = ledger.next_page(&ws.batch, state::KEYED, &mut cursor, PAGE)? {
         let keys = store.get_many(&names(&rows))?;
         let issued: Vec<Outcome> = rows
             .iter()
             .map(|r| {
-                let cert = keys
+                let verdict = keys
                     .get(&r.thing_name)
                     .and_then(|k| k.certificate_pem.clone())
                     .ok_or_else(|| "the key store holds no certificate for this device".to_string())
                     .and_then(|pem| crate::crypto::parse_certificate_pem(&pem).map(|info| (info.id, pem)));
-                match cert {
-                    Ok((id, pem)) => Outcome {
-                        thing_name: r.thing_name.clone(),
-                        registered: true,
-                        certificate_id: Some(id),
-                        certificate_pem: Some(pem),
-                        error_class: None,
-                        error: None,
+                let verdict = match verdict {
+                    Ok((certificate_id, certificate_pem)) => Verdict::Registered {
+                        certificate_id,
+                        certificate_pem,
                     },
-                    Err(e) => outcome(
-                        &r.thing_name,
-                        Verdict::Failed {
-                            class: "certificate".into(),
-                            message: e,
-                        },
-                    ),
-                }
+                    Err(message) => Verdict::Failed {
+                        class: "certificate".into(),
+                        message,
+                    },
+                };
+                outcome(&r.thing_name, verdict)
             })
             .collect();
         ledger.record_outcomes(&ws.batch, &issued)?;
@@ -917,17 +907,18 @@ async fn next_attempt(
 ) -> Result<Option<AttemptRow>> {
     let chunk = s.chunk_size.max(1);
     let mut things: Vec<String> = ledger
-        .devices_in_state(&ws.batch, state::KEYED, -1, chunk)?
+        .next_page(&ws.batch, state::KEYED, &mut -1, chunk)?
+        .unwrap_or_default()
         .into_iter()
         .map(|r| r.thing_name)
         .collect();
     if things.is_empty() {
         let mut candidates: Vec<DeviceRow> = Vec::new();
-        let mut after = -1;
+        let mut cursor = -1;
         while candidates.len() < chunk {
-            let page = ledger.devices_in_state(&ws.batch, state::FAILED, after, PAGE)?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
+            let Some(page) = ledger.next_page(&ws.batch, state::FAILED, &mut cursor, PAGE)? else {
+                break;
+            };
             candidates.extend(page.into_iter().filter(|r| {
                 r.error_class.as_deref().is_some_and(crate::reconcile::is_retryable)
                     && (r.tries as u32) <= s.max_retries
@@ -944,17 +935,7 @@ async fn next_attempt(
             };
             // A line that failed may still have made a certificate: look first.
             match lookup_registry(aws, &r.thing_name, &k.key, None).await {
-                Verdict::Registered {
-                    certificate_id,
-                    certificate_pem,
-                } => adopted.push(Outcome {
-                    thing_name: r.thing_name.clone(),
-                    registered: true,
-                    certificate_id: Some(certificate_id),
-                    certificate_pem: Some(certificate_pem),
-                    error_class: None,
-                    error: None,
-                }),
+                registered @ Verdict::Registered { .. } => adopted.push(outcome(&r.thing_name, registered)),
                 Verdict::Failed { class, .. } if class == "unregistered" => things.push(r.thing_name.clone()),
                 other => {
                     tracing::warn!(thing = %r.thing_name, verdict = ?other, "not retried: the registry could not confirm that it has no certificate")
@@ -1224,11 +1205,8 @@ async fn bundle_stage(
         return Ok(()); // one archive at the end: archive_stage
     }
     let mut store: Option<KeyStore> = None;
-    let mut after = -1;
-    loop {
-        let rows = ledger.devices_in_state(&ws.batch, state::REGISTERED, after, PAGE)?;
-        let Some(last) = rows.last() else { break };
-        after = last.seq;
+    let mut cursor = -1;
+    while let Some(rows) = ledger.next_page(&ws.batch, state::REGISTERED, &mut cursor, PAGE)? {
         let started = Instant::now();
         if endpoint.is_none() {
             *endpoint = Some(crate::sandbox_setup::data_endpoint(aws).await?);
@@ -1368,11 +1346,8 @@ async fn archive_stage(
     let store = KeyStore::open(ws)?;
     let mut archive = crate::bundle::ArchiveWriter::create(ws).map_err(io)?;
     let mut failures = Vec::new();
-    let mut after = -1;
-    loop {
-        let rows = ledger.devices_in_state(&ws.batch, state::REGISTERED, after, PAGE)?;
-        let Some(last) = rows.last() else { break };
-        after = last.seq;
+    let mut cursor = -1;
+    while let Some(rows) = ledger.next_page(&ws.batch, state::REGISTERED, &mut cursor, PAGE)? {
         let keys = store.get_many(&names(&rows))?;
         let (inputs, mut failed) = bundle_inputs(&rows, &keys, s, ws, endpoint);
         let written = archive.append_all(&inputs);
@@ -1474,12 +1449,21 @@ pub fn write_reports(
 ) -> Result<Summary> {
     let io = |p: &std::path::Path, e: std::io::Error| Error::infra(format!("{}: {e}", p.display()));
     let results = ws.dir().join("results.csv");
-    let tmp = ws.dir().join(".results.csv.tmp");
-    let file = std::fs::File::create(&tmp).map_err(|e| io(&tmp, e))?;
-    let mut w = csv::Writer::from_writer(std::io::BufWriter::with_capacity(1 << 20, file));
-    let csv_err = |e: csv::Error| Error::infra(format!("{}: {e}", tmp.display()));
+    let file = crate::workspace::DurableFile::create(&results, 0o644).map_err(|e| io(&results, e))?;
+    let mut w = csv::Writer::from_writer(file);
+    let csv_err = |e: csv::Error| Error::infra(format!("{}: {e}", results.display()));
     w.write_record(["serial_number", "thing_name", "status", "certificate_id", "error"])
         .map_err(csv_err)?;
+    // The archive stage wrote the manifest with the archive, from the hashes
+    // it took while writing; the directory format is hashed here, in the
+    // same pass over the ledger.
+    let mpath = ws.dir().join(crate::bundle::MANIFEST_FILE);
+    let archive = ws.dir().join(crate::bundle::ARCHIVE_FILE).exists();
+    let mut manifest = if archive {
+        None
+    } else {
+        Some(crate::bundle::ManifestWriter::create(ws, false).map_err(|e| io(&mpath, e))?)
+    };
     let (mut devices, mut registered, mut failed, mut bundled) = (0, 0, 0, 0);
     ledger.each_device(&ws.batch, |r| {
         devices += 1;
@@ -1487,6 +1471,9 @@ pub fn write_reports(
             state::BUNDLED => {
                 registered += 1;
                 bundled += 1;
+                if let Some(m) = manifest.as_mut() {
+                    m.add_bundle_dir(ws, &r.thing_name).map_err(|e| io(&mpath, e))?;
+                }
                 "registered"
             }
             state::REGISTERED => {
@@ -1520,33 +1507,14 @@ pub fn write_reports(
     for p in &settings.skipped {
         w.write_record(["", "", "skipped", "", p.as_str()]).map_err(csv_err)?;
     }
-    let file = w
-        .into_inner()
-        .map_err(|e| Error::infra(format!("{}: {e}", tmp.display())))?
-        .into_inner()
-        .map_err(|e| io(&tmp, e.into_error()))?;
-    file.sync_all().map_err(|e| io(&tmp, e))?;
-    drop(file);
-    std::fs::rename(&tmp, &results).map_err(|e| io(&results, e))?;
-    crate::workspace::sync_dir(&ws.dir()).map_err(|e| io(&ws.dir(), e))?;
-
-    let mpath = ws.dir().join(crate::bundle::MANIFEST_FILE);
-    let archive = ws.dir().join(crate::bundle::ARCHIVE_FILE).exists();
-    // The archive stage wrote the manifest with the archive, from the hashes
-    // it took while writing; the directory format is hashed here.
-    if !archive {
-        let mut bundled_things = Vec::new();
-        let mut after = -1;
-        // The names of a million bundles are a few tens of MB; their files are read one at a time.
-        loop {
-            let page = ledger.devices_in_state(&ws.batch, state::BUNDLED, after, PAGE * 8)?;
-            let Some(last) = page.last() else { break };
-            after = last.seq;
-            bundled_things.extend(page.into_iter().map(|r| r.thing_name));
-        }
-        crate::bundle::write_dir_manifest(ws, bundled_things.into_iter()).map_err(|e| io(&mpath, e))?;
-    } else if !mpath.exists() {
-        crate::bundle::write_archive_manifest(ws).map_err(|e| io(&mpath, e))?;
+    w.into_inner()
+        .map_err(|e| Error::infra(format!("{}: {e}", results.display())))?
+        .commit()
+        .map_err(|e| io(&results, e))?;
+    match manifest {
+        Some(m) => m.finish().map_err(|e| io(&mpath, e))?,
+        None if !mpath.exists() => crate::bundle::write_archive_manifest(ws).map_err(|e| io(&mpath, e))?,
+        None => {}
     }
 
     // The report stage, up to report.json itself.

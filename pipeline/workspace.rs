@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! <out>/ledger.sqlite          the ledger of every batch in this directory
-//! <out>/<batch>/work/          private keys and CSRs, staged lines, raw reports (0700)
+//! <out>/<batch>/work/          key store (keys.sqlite), staged lines, raw reports (0700)
 //! <out>/<batch>/bundles/<thing>/  one credential bundle per device
 //! <out>/<batch>/manifest.json, results.csv, report.json
 //! ```
@@ -30,9 +30,6 @@ impl Workspace {
     }
     pub fn work(&self) -> PathBuf {
         self.dir().join("work")
-    }
-    pub fn keys_file(&self) -> PathBuf {
-        self.work().join("keys.jsonl")
     }
     pub fn reports_dir(&self, task_id: &str) -> PathBuf {
         self.work().join("reports").join(safe_component(task_id))
@@ -72,39 +69,81 @@ pub fn safe_component(name: &str) -> String {
     out
 }
 
-/// Writes a file so that it is complete and durable when this returns:
-/// a temporary file in the same directory, fsync, rename, fsync of the directory.
-pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("file")
-    ));
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&tmp)?;
-        f.set_permissions(fs::Permissions::from_mode(mode))?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
+/// A file written in pieces that appears, complete and durable, when
+/// [`DurableFile::commit`] returns: it is written as a temporary file in the
+/// same directory, then fsync, rename, fsync of the directory. Until then
+/// the destination keeps whatever it held before.
+pub struct DurableFile {
+    w: std::io::BufWriter<File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+}
+
+impl DurableFile {
+    pub fn create(dest: &Path, mode: u32) -> std::io::Result<DurableFile> {
+        let dir = dest.parent().unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(
+            ".{}.tmp",
+            dest.file_name().and_then(|n| n.to_str()).unwrap_or("file")
+        ));
+        let f = create_with_mode(&tmp, mode)?;
+        Ok(DurableFile {
+            w: std::io::BufWriter::with_capacity(1 << 20, f),
+            tmp,
+            dest: dest.to_path_buf(),
+        })
     }
-    fs::rename(&tmp, path)?;
-    sync_dir(dir)
+
+    /// Where the file goes.
+    pub fn dest(&self) -> &Path {
+        &self.dest
+    }
+
+    pub fn commit(self) -> std::io::Result<()> {
+        let f = self.w.into_inner().map_err(|e| e.into_error())?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&self.tmp, &self.dest)?;
+        sync_dir(self.dest.parent().unwrap_or(Path::new(".")))
+    }
+}
+
+impl Write for DurableFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.w.write(buf)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.w.write_all(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// Writes a file so that it is complete and durable when this returns.
+pub fn write_durable(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    let mut f = DurableFile::create(path, mode)?;
+    f.write_all(bytes)?;
+    f.commit()
 }
 
 /// Writes a file without syncing; the caller syncs a whole set at once.
 pub fn write_unsynced(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<File> {
-    let mut f = OpenOptions::new()
+    let mut f = create_with_mode(path, mode)?;
+    f.write_all(bytes)?;
+    Ok(f)
+}
+
+/// Creates (or truncates) a file with exactly `mode`, whatever the umask or
+/// an earlier file of that name had.
+fn create_with_mode(path: &Path, mode: u32) -> std::io::Result<File> {
+    let f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
         .mode(mode)
         .open(path)?;
     f.set_permissions(fs::Permissions::from_mode(mode))?;
-    f.write_all(bytes)?;
     Ok(f)
 }
 

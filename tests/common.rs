@@ -114,6 +114,19 @@ pub fn validate_schema(schema: &str, file: &Path) -> bool {
     true
 }
 
+/// Starts the embedded sandbox on the state kept in `state` (an output
+/// directory's `.sandbox`), with a client for it.
+pub async fn sandbox_on(state: &Path) -> (provline_sandbox::Sandbox, provline::aws::Aws) {
+    let sb = provline_sandbox::Sandbox::start(provline_sandbox::Config {
+        state_dir: Some(state.to_path_buf()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let aws = provline::aws::Aws::connect(&provline::sandbox_setup::connection(&sb.endpoint_url())).await;
+    (sb, aws)
+}
+
 /// `provline sandbox serve` in a child process, killed when dropped.
 pub struct Served {
     pub child: Child,

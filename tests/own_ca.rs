@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::common::{csv_rows, has_openssl, mosquitto_pub, provline, run, write, Ran};
+use crate::common::{csv_rows, has_openssl, mosquitto_pub, provline, run, sandbox_on, write, Ran};
 
 /// One connection with mosquitto_pub must get CONNACK 0 and a PUBACK.
 fn mosquitto_connects(out: &Path, bundle: &Path) {
@@ -366,12 +366,7 @@ fn make_stranger_bundle(ca_dir: &Path, like: &Path, dest: &Path) {
 fn verify_dir(out: &Path, bundle: &Path) -> (String, ()) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let sb = provline_sandbox::Sandbox::start(provline_sandbox::Config {
-            state_dir: Some(out.join(".sandbox")),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        let (sb, _) = sandbox_on(&out.join(".sandbox")).await;
         let opts = provline::verify::Options {
             address: Some(sb.device_endpoint().to_string()),
             server_name: Some(sb.device_server_name()),
@@ -388,13 +383,7 @@ fn verify_dir(out: &Path, bundle: &Path) -> (String, ()) {
 pub fn describe_thing(out: &Path, thing: &str) -> serde_json::Value {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let sb = provline_sandbox::Sandbox::start(provline_sandbox::Config {
-            state_dir: Some(out.join(".sandbox")),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let aws = provline::aws::Aws::connect(&provline::sandbox_setup::connection(&sb.endpoint_url())).await;
+        let (sb, aws) = sandbox_on(&out.join(".sandbox")).await;
         let t = aws.iot.describe_thing().thing_name(thing).send().await.unwrap();
         let attrs: serde_json::Map<String, serde_json::Value> = t
             .attributes()
@@ -413,13 +402,7 @@ fn an_sni_only_ca_with_a_named_jitp_template_provisions_too() {
     let body = std::fs::read_to_string(jitp_template(dir.path(), false)).unwrap();
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let sb = provline_sandbox::Sandbox::start(provline_sandbox::Config {
-            state_dir: Some(out.join(".sandbox")),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let aws = provline::aws::Aws::connect(&provline::sandbox_setup::connection(&sb.endpoint_url())).await;
+        let (sb, aws) = sandbox_on(&out.join(".sandbox")).await;
         provline::sandbox_setup::prepare_account(&aws, "provline-sandbox", Some("provline-sandbox-device"))
             .await
             .unwrap();

@@ -24,13 +24,7 @@ struct Registry {
 fn registry(state: &Path, things: &[String]) -> Registry {
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
-        let sb = provline_sandbox::Sandbox::start(provline_sandbox::Config {
-            state_dir: Some(state.to_path_buf()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let aws = provline::aws::Aws::connect(&provline::sandbox_setup::connection(&sb.endpoint_url())).await;
+        let (sb, aws) = sandbox_on(state).await;
         let tasks = aws
             .iot
             .list_thing_registration_tasks()
